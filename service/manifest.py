@@ -1,0 +1,133 @@
+"""The `model.json` manifest: the one contract between `training` (which writes it) and `service` (which reads it).
+
+An exported model is a directory `NAME/VERSION/` holding `encoder.onnx`, `decoder.onnx` and this manifest.
+The graphs have fixed tensor names so that neither side has to guess:
+
+    encoder.onnx   x [batch, *input_shape] float32 in [0, 1]  ->  mu, logvar [batch, latent_dim] float32
+    decoder.onnx   z [batch, latent_dim] float32              ->  x_mean [batch, *input_shape] float32 in [0, 1]
+
+This module is torch-free and onnxruntime-free: training imports it to write the manifest, the service to
+validate it, so a field can never mean one thing on one side and another on the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "model.json"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+
+ENCODER_INPUT = "x"
+ENCODER_OUTPUTS = ("mu", "logvar")
+DECODER_INPUT = "z"
+DECODER_OUTPUT = "x_mean"
+
+Likelihood = Literal["bernoulli", "gaussian"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileEntry(_Strict):
+    path: str = Field(description="File name relative to the model directory.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the file's bytes.")
+
+
+class ModelFiles(_Strict):
+    encoder: FileEntry
+    decoder: FileEntry
+
+
+class Metrics(_Strict):
+    """Test-set figures, in nats per image unless the name says otherwise."""
+
+    test_elbo: float = Field(description="Mean ELBO on the test set (nats, higher is better).")
+    test_nll: float = Field(description="IWAE estimate of -log p(x) on the test set (nats, lower is better).")
+    iwae_k: int = Field(ge=1, description="Importance samples per image used for test_nll.")
+    bits_per_dim: float = Field(description="test_nll / (D ln 2), D = pixels per image.")
+    active_units: int = Field(ge=0, description="Latent units with Cov_x(E_q[z]) > 0.01.")
+    recon_error: float = Field(description="Mean squared error of decode(mu) against the test images.")
+    test_images: int = Field(ge=1, description="How many test images the figures are over.")
+
+
+class ExportCheck(_Strict):
+    """The worst |onnxruntime - torch| seen when the graphs were checked at export."""
+
+    encoder_max_abs_diff: float
+    decoder_max_abs_diff: float
+    tolerance: float
+
+
+class TrainingRecord(_Strict):
+    command: str = Field(description="The exact command that trained the model.")
+    config: dict[str, object] = Field(description="The full training configuration.")
+    epochs: int
+    seconds: float = Field(description="Wall-clock training time.")
+    device: str
+
+
+class Manifest(_Strict):
+    format_version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    created: datetime
+    input_shape: tuple[int, ...] = Field(min_length=1, description="One image's shape, e.g. [1, 28, 28].")
+    value_range: tuple[float, float] = (0.0, 1.0)
+    latent_dim: int = Field(ge=1)
+    likelihood: Likelihood
+    architecture: str
+    dataset: str
+    files: ModelFiles
+    metrics: Metrics
+    export_check: ExportCheck
+    training: TrainingRecord
+    libraries: dict[str, str] = Field(description="Versions of the libraries that produced the files.")
+
+    @property
+    def input_size(self) -> int:
+        """Number of values in one image."""
+        size = 1
+        for dim in self.input_shape:
+            size *= dim
+        return size
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks so large graphs do not sit in memory twice."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(model_dir: Path) -> Manifest:
+    """Parse and validate `model_dir/model.json` (raises OSError or pydantic.ValidationError)."""
+    return Manifest.model_validate_json((model_dir / MANIFEST_NAME).read_bytes())
+
+
+def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
+    path = model_dir / MANIFEST_NAME
+    path.write_text(manifest.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def verify_checksums(model_dir: Path, manifest: Manifest) -> list[str]:
+    """Return one problem per file that is missing or whose SHA-256 differs from the manifest (empty if fine)."""
+    problems = []
+    for role, entry in (("encoder", manifest.files.encoder), ("decoder", manifest.files.decoder)):
+        path = model_dir / entry.path
+        if not path.is_file():
+            problems.append(f"{role} file {path} is missing")
+            continue
+        actual = sha256_file(path)
+        if actual != entry.sha256:
+            problems.append(f"{role} file {path} has sha256 {actual}, manifest says {entry.sha256}")
+    return problems
