@@ -1,0 +1,88 @@
+# Images for the VAE service. Targets (the last one, `serve`, is the default):
+#
+#   docker build -t vae-serving .                           CPU serving: onnxruntime, no torch, non-root
+#   docker build --target train -t vae-serving:train .      training + export (torch CPU build by default)
+#   docker build --target serve-gpu -t vae-serving:gpu .    GPU serving: onnxruntime-gpu on an NVIDIA CUDA base
+#
+# Dependencies are installed in layers of their own, before any code is copied, so code edits rebuild in
+# seconds. pyproject.toml stays the one list of dependencies (docker/requirements.py reads it).
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# onnxruntime-gpu 1.31 on PyPI is built for CUDA 13 and cuDNN 9: the base must carry the same majors.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+
+# ---------------------------------------------------------------- serving dependencies (CPU)
+FROM ${PYTHON_IMAGE} AS serve-deps
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY pyproject.toml /src/pyproject.toml
+COPY docker/requirements.py /src/docker/requirements.py
+RUN python -m venv /opt/venv \
+ && python /src/docker/requirements.py serve > /src/requirements.txt \
+ && /opt/venv/bin/pip install -r /src/requirements.txt \
+ && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+
+# ---------------------------------------------------------------- training + export
+FROM ${PYTHON_IMAGE} AS train
+# Where torch comes from. PyPI's plain `torch` is the multi-GB CUDA build, so the default is PyTorch's CPU
+# index. A CUDA build: --build-arg TORCH_INDEX_URL=<a cuXXX index>. A local wheel: put it in docker/wheels/
+# and pass --build-arg TORCH_SPEC=/wheels/<file>.whl --build-arg TORCH_INDEX_URL=
+ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
+    MALLOC_MMAP_THRESHOLD_=1048576 VAE_DATA_DIR=/data
+COPY docker/wheels/ /wheels/
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
+COPY pyproject.toml /src/pyproject.toml
+COPY docker/requirements.py /src/docker/requirements.py
+RUN python /src/docker/requirements.py train > /src/requirements.txt \
+ && /opt/venv/bin/pip install -r /src/requirements.txt
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+COPY training/ /app/training/
+COPY service/ /app/service/
+# Data: mount Fashion-MNIST's IDX files at /data, or let the entrypoint download them there (verified).
+# Output: mount the host's models/ at /app/models; the default command adds a new version of the model.
+ENTRYPOINT ["python", "-m", "training"]
+CMD ["default-model", "--data-dir", "/data", "--download"]
+
+# ---------------------------------------------------------------- GPU serving
+FROM ${CUDA_IMAGE} AS serve-gpu
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml /src/pyproject.toml
+COPY docker/requirements.py /src/docker/requirements.py
+RUN python3 -m venv /opt/venv \
+ && python3 /src/docker/requirements.py gpu > /src/requirements.txt \
+ && /opt/venv/bin/pip install -r /src/requirements.txt
+RUN groupadd --system --gid 10001 app && useradd --system --no-log-init --uid 10001 --gid 10001 --create-home app
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MALLOC_MMAP_THRESHOLD_=1048576 \
+    MODEL_DIR=/app/models HOST=0.0.0.0 PORT=8000 DEVICE=cuda
+WORKDIR /app
+COPY service/ /app/service/
+COPY models/ /app/models/
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/healthz', timeout=2)"]
+CMD ["python", "-m", "service"]
+
+# ---------------------------------------------------------------- CPU serving (default target)
+FROM ${PYTHON_IMAGE} AS serve
+RUN groupadd --system --gid 10001 app && useradd --system --no-log-init --uid 10001 --gid 10001 --create-home app
+COPY --from=serve-deps /opt/venv /opt/venv
+# MALLOC_MMAP_THRESHOLD_: return large freed buffers to the OS so RSS stays flat under load (NOTES.md).
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MALLOC_MMAP_THRESHOLD_=1048576 \
+    MODEL_DIR=/app/models HOST=0.0.0.0 PORT=8000 DEVICE=cpu
+WORKDIR /app
+COPY service/ /app/service/
+COPY models/ /app/models/
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8000') + '/healthz', timeout=2)"]
+# uvicorn runs as PID 1 (python -m service calls uvicorn.run in-process) and exits cleanly on SIGTERM.
+CMD ["python", "-m", "service"]

@@ -1,0 +1,146 @@
+"""The quick start as users run it: `./run serve` on the shipped model, and the serving install without torch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
+DEFAULT_MODEL = "fashion-mnist-mlp"
+
+pytestmark = pytest.mark.slow
+
+
+def _serve_python() -> Path:
+    """The serving venv that `./run test` builds; outside CI a missing one is a skip, in CI a failure."""
+    if not SERVE_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SERVE_PYTHON} is missing: `./run test` should have created it")
+        pytest.skip(f"{SERVE_PYTHON} is missing: run `./run test` (it creates the serving install)")
+    return SERVE_PYTHON
+
+
+def test_serving_install_has_no_torch() -> None:
+    code = (
+        "import importlib.util, sys\n"
+        "import service.app, service.__main__\n"
+        "assert importlib.util.find_spec('torch') is None, 'torch is installed in the serving venv'\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'training')], 'torch imported'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run(
+        [_serve_python(), "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_docker_serving_requirements_have_no_torch() -> None:
+    """The serve image installs exactly these (docker/requirements.py serve): torch must not be among them."""
+    out = subprocess.run(
+        [sys.executable, "docker/requirements.py", "serve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    names = {line.split(">")[0].split("=")[0].split("[")[0].strip().lower() for line in out.splitlines()}
+    assert "onnxruntime" in names and "fastapi" in names
+    assert not names & {"torch", "onnx", "onnxscript", "torchvision"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def quickstart_url() -> Iterator[str]:
+    """`./run serve` exactly as the README says, on a free loopback port, until the test is done."""
+    _serve_python()
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_DIR", "DEVICE", "WORKERS")}
+    env.update(PORT=str(port), HOST="127.0.0.1")
+    proc = subprocess.Popen(
+        ["./run", "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (
+                f"./run serve exited early:\n{proc.stdout.read().decode() if proc.stdout else ''}"
+            )
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        else:
+            pytest.fail("./run serve did not become ready within 120 s")
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0, f"./run serve exited with {code} on SIGTERM"
+
+
+def test_quickstart_answers_every_endpoint(quickstart_url: str) -> None:
+    with httpx.Client(base_url=quickstart_url, timeout=30) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 200
+        names = [m["name"] if isinstance(m, dict) else m for m in client.get("/v1/models").json()["models"]]
+        assert DEFAULT_MODEL in names
+
+        meta = client.get(f"/v1/models/{DEFAULT_MODEL}").json()
+        assert meta["dataset"] == "fashion-mnist"
+        assert list(meta["input_shape"]) == [1, 28, 28]
+        latent = meta["latent_dim"]
+
+        sample = client.post(f"/v1/models/{DEFAULT_MODEL}/sample", json={"n": 4, "seed": 7}).json()
+        images = np.asarray(sample["samples"], dtype=np.float32)
+        assert images.shape == (4, 1, 28, 28)
+        assert images.min() >= 0.0 and images.max() <= 1.0
+        assert np.asarray(sample["z"]).shape == (4, latent)
+        assert sample["seed"] == 7
+
+        encoded = client.post(
+            f"/v1/models/{DEFAULT_MODEL}/encode", json={"inputs": images.tolist(), "samples": 3, "seed": 1}
+        ).json()
+        assert np.asarray(encoded["mu"]).shape == (4, latent)
+        assert np.asarray(encoded["z"]).shape == (4, 3, latent)
+        np.testing.assert_allclose(np.exp(np.asarray(encoded["logvar"]) / 2), encoded["sigma"], rtol=1e-5)
+
+        recon = client.post(
+            f"/v1/models/{DEFAULT_MODEL}/reconstruct", json={"inputs": images.tolist()}
+        ).json()
+        assert np.asarray(recon["reconstructions"]).shape == (4, 1, 28, 28)
+        assert len(recon["error"]) == 4
+
+        decoded = client.post(f"/v1/models/{DEFAULT_MODEL}/decode", json={"z": sample["z"]}).json()
+        np.testing.assert_allclose(np.asarray(decoded["samples"]), images, atol=1e-5)
+
+        png = client.post(
+            f"/v1/models/{DEFAULT_MODEL}/sample", json={"n": 16, "seed": 3}, headers={"Accept": "image/png"}
+        )
+        assert png.status_code == 200 and png.content.startswith(b"\x89PNG\r\n\x1a\n")
+
+        metrics = client.get("/metrics").text
+        assert "sample" in metrics and DEFAULT_MODEL in metrics
