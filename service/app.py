@@ -1,0 +1,59 @@
+"""The app factory: `create_app(settings)` wires settings, registry, metrics, middleware and routes.
+
+Nothing heavy happens at import or in the factory; the lifespan loads and warms up every model, starts one
+batcher per graph, and only then does uvicorn accept connections (so readiness follows warm-up). On
+shutdown (SIGTERM included) the lifespan stops the batchers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.errors import install_error_handlers
+from service.metrics import Metrics, RequestMetrics
+from service.middleware import BodySizeLimit
+from service.registry import Registry
+from service.routes import add_routes
+from service.settings import Settings
+
+DESCRIPTION = """
+Serves variational autoencoders exported to ONNX (`MODEL_DIR/NAME/VERSION/{model.json, encoder.onnx,
+decoder.onnx}`) with onnxruntime.
+
+* **eps is drawn on the server** from `numpy.random.Generator(PCG64(seed))`, per request and before
+  batching: the same seed gives bit-identical eps on any load, in any batch. Requests without a seed get
+  one drawn from OS entropy, returned as `seed` (and the `X-Seed` header on binary responses).
+* **Responses**: JSON (default), `Accept: application/x-npy` (one .npy array), or `Accept: image/png`
+  (a grid) for image outputs; `dtype: uint8` returns 0-255 pixels.
+* **Requests**: JSON, or the array itself as an `application/x-npy` body with parameters in the query.
+* **Errors** always look like `{"error": {"status", "field", "message"}}`.
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+    registry = Registry(settings=settings, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.stop()
+
+    app = FastAPI(title="VAE serving", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    install_error_handlers(app)
+    # add_middleware wraps what is already there: RequestMetrics ends up outermost, so it sees 413s too.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics, known_models=registry.names)
+    add_routes(app.router, settings, registry, metrics)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory (`service.app:app_from_env`, factory=True): each worker reads the environment."""
+    return create_app(Settings())

@@ -1,0 +1,155 @@
+"""Prometheus metrics: one registry per app (so tests can build many apps), fed by a pure ASGI middleware.
+
+With WORKERS > 1 every worker process keeps its own registry, so a scrape would see one worker at random.
+Set PROMETHEUS_MULTIPROC_DIR to an empty, writable directory (cleared before each start) and /metrics
+aggregates all workers through prometheus-client's multiprocess collector instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Container
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+UNMATCHED = "<unmatched>"
+UNKNOWN_MODEL = "<unknown>"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["endpoint", "model"]
+        self.requests = Counter(
+            "vae_requests", "HTTP requests by route and status.", [*labels, "status"], registry=self.registry
+        )
+        self.errors = Counter(
+            "vae_request_errors", "Responses with status >= 400.", [*labels, "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "vae_request_duration_seconds",
+            "Time from request to the last response byte.",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.samples = Counter(
+            "vae_samples_generated", "eps rows drawn on the server.", labels, registry=self.registry
+        )
+        self.model_loaded = Gauge(
+            "vae_model_loaded",
+            "1 when the model version is loaded and warmed up, 0 when it failed to load.",
+            ["model", "version"],
+            multiprocess_mode="min",
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, str, int], tuple[Any, Any | None, Any]] = {}
+        graph = ["model", "version", "graph"]
+        self.batch_rows = Histogram(
+            "vae_batch_rows", "Rows per onnxruntime run.", graph, buckets=ROW_BUCKETS, registry=self.registry
+        )
+        self.batch_requests = Histogram(
+            "vae_batch_requests",
+            "Requests merged per onnxruntime run.",
+            graph,
+            buckets=ROW_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "vae_batch_run_seconds",
+            "Duration of one onnxruntime run.",
+            graph,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
+        """Count and time one request. The labelled children are cached: `labels()` costs microseconds
+        per call, and the label sets are few (routes x loaded models x statuses)."""
+        key = (endpoint, model, status)
+        children = self._children.get(key)
+        if children is None:
+            code = str(status)
+            errors = self.errors.labels(endpoint, model, code) if status >= 400 else None
+            children = (
+                self.requests.labels(endpoint, model, code),
+                errors,
+                self.latency.labels(endpoint, model),
+            )
+            self._children[key] = children
+        requests, errors, latency = children
+        requests.inc()
+        if errors is not None:
+            errors.inc()
+        latency.observe(seconds)
+
+    def batch_observer(self, model: str, version: str, graph: str) -> Callable[[int, int, float], None]:
+        """The batcher's `on_run(requests_merged, rows, seconds)` hook for one graph."""
+        rows_h = self.batch_rows.labels(model, version, graph)
+        requests_h = self.batch_requests.labels(model, version, graph)
+        seconds_h = self.batch_seconds.labels(model, version, graph)
+
+        def on_run(requests: int, rows: int, seconds: float) -> None:
+            requests_h.observe(requests)
+            rows_h.observe(rows)
+            seconds_h.observe(seconds)
+
+        return on_run
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text format, across all workers when PROMETHEUS_MULTIPROC_DIR is set."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+            return generate_latest(merged), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetrics:
+    """Counts and times every request by endpoint (the route's name: sample, encode, readyz, ...) and model.
+
+    The model label is the path's model only when it names a loaded model: arbitrary names in 404s must not
+    mint new time series.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_models: Callable[[], Container[str]]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.known_models = known_models
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route: BaseRoute | None = scope.get("route")
+            endpoint = getattr(route, "name", UNMATCHED) if route is not None else UNMATCHED
+            model = scope.get("path_params", {}).get("model", "")
+            if model and model not in self.known_models():
+                model = UNKNOWN_MODEL
+            self.metrics.observe_request(endpoint, model, status, time.perf_counter() - start)

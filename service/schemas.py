@@ -1,0 +1,467 @@
+"""Request and response schemas, and the fast request readers behind them.
+
+Pydantic models here do two jobs. The `*Params` models validate the small fields of a request (seed, n,
+mode, ...) at run time. The `*Request` / `*Response` models add the bulk arrays for the OpenAPI document
+only: validating 256 x 784 nested floats with pydantic costs far more than the model run, so image and
+latent arrays are parsed by orjson and checked with numpy here, with errors that name the exact element
+(`inputs.3.12`).
+
+Images arrive as, per item of `inputs`:
+  - a list of numbers, either flat (`prod(input_shape)` values) or nested in exactly the model's
+    `input_shape` (e.g. [1, 28, 28]), values in the manifest's value_range ([0, 1]);
+  - a base64 string of an 8-bit grayscale PNG of the model's height and width (pixels / 255), optionally
+    as a `data:image/png;base64,` URL;
+or the whole body is an `application/x-npy` array [batch, D] or [batch, *input_shape]: uint8 arrays are
+pixels (/ 255), other integer and float dtypes are values in [0, 1].
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import math
+import struct
+from typing import Annotated, Any, Literal, TypeVar
+
+import numpy as np
+import orjson
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import BadRequest, InvalidInput
+from service.operations import F32
+
+SEED_MAX = 2**63 - 1
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAHklEQVR42mNgGGSAEUqfQBG1gFBM+HSOSo4gyYEAAMzjASauBQeoAAAAAElFTkSuQmCC"
+"""A 28 x 28 grayscale PNG (a bright rectangle), small enough to try from /docs."""
+
+ImageDtype = Literal["float32", "uint8"]
+Seed = Annotated[
+    int | None,
+    Field(
+        ge=0,
+        le=SEED_MAX,
+        description="Seed of the request's NumPy PCG64 generator; omitted or null: drawn from OS entropy "
+        "(below 2**53) and returned.",
+        examples=[1234],
+    ),
+]
+DtypeField = Annotated[
+    ImageDtype,
+    Field(description="Image values in the response: float32 in [0, 1], or uint8 0-255 (round(x * 255))."),
+]
+
+
+class RequestParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EncodeParams(RequestParams):
+    samples: int = Field(
+        0,
+        ge=0,
+        description="z draws per input; 0 returns only mu, logvar and sigma. inputs x samples <= MAX_SAMPLES.",
+    )
+    seed: Seed = None
+
+
+class SampleParams(RequestParams):
+    n: int = Field(16, ge=1, description="Number of images to generate (at most MAX_SAMPLES).")
+    temperature: float = Field(
+        1.0,
+        ge=0.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="Scale of z: z = temperature * eps, eps ~ N(0, I).",
+    )
+    seed: Seed = None
+    dtype: DtypeField = "float32"
+
+
+class ReconstructParams(RequestParams):
+    mode: Literal["mean", "sample"] = Field(
+        "mean", description="mean: decode mu; sample: decode z = mu + sigma * eps with server-side eps."
+    )
+    seed: Seed = None
+    dtype: DtypeField = "float32"
+
+
+class DecodeParams(RequestParams):
+    dtype: DtypeField = "float32"
+
+
+InputsField = Annotated[
+    list[str | list[Any]],
+    Field(
+        min_length=1,
+        description="Images (at most MAX_BATCH): each a list of numbers in [0, 1], flat or in the model's "
+        "input_shape, or a base64 8-bit grayscale PNG.",
+        examples=[[EXAMPLE_PNG]],
+    ),
+]
+LatentsField = Annotated[
+    list[list[float]],
+    Field(
+        min_length=1,
+        description="Latent vectors [batch, latent_dim] (batch at most MAX_BATCH; latent_dim from "
+        "GET /v1/models/{model}), numbers in [-1000, 1000].",
+        examples=[[[0.0] * 32]],
+    ),
+]
+
+
+class EncodeRequest(EncodeParams):
+    inputs: InputsField
+
+
+class SampleRequest(SampleParams):
+    pass
+
+
+class ReconstructRequest(ReconstructParams):
+    inputs: InputsField
+
+
+class DecodeRequest(DecodeParams):
+    z: LatentsField
+
+
+Matrix = list[list[float]]
+
+
+class EncodeResponse(BaseModel):
+    mu: Matrix = Field(description="Posterior means [batch, latent_dim].")
+    logvar: Matrix = Field(description="Posterior log-variances [batch, latent_dim].")
+    sigma: Matrix = Field(description="exp(logvar / 2) [batch, latent_dim].")
+    z: list[Matrix] | None = Field(
+        None, description="mu + sigma * eps [batch, samples, latent_dim]; present only when samples > 0."
+    )
+    seed: int = Field(description="The seed eps was drawn from.")
+
+
+class SampleResponse(BaseModel):
+    samples: list[Any] = Field(description="Decoded images [n, *input_shape].")
+    z: Matrix = Field(description="temperature * eps [n, latent_dim].")
+    seed: int
+
+
+class ReconstructResponse(BaseModel):
+    reconstructions: list[Any] = Field(description="Decoded images [batch, *input_shape].")
+    z: Matrix = Field(description="The latents decoded: mu (mode mean) or mu + sigma * eps (mode sample).")
+    seed: int
+    error: list[float] = Field(description="Mean squared error per image over all pixels.")
+
+
+class DecodeResponse(BaseModel):
+    samples: list[Any] = Field(description="Decoded images [batch, *input_shape].")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    versions: list[str] = Field(description="Every loaded version, oldest first.")
+    input_shape: list[int]
+    value_range: tuple[float, float]
+    latent_dim: int
+    likelihood: str
+    architecture: str
+    dataset: str
+    created: str
+    metrics: dict[str, float | int]
+    providers: list[str] = Field(description="onnxruntime execution providers in use, best first.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo] = Field(description="The newest version of each model.")
+
+
+class NotReadyItem(BaseModel):
+    model: str
+    version: str
+    path: str
+    reason: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: list[str] = Field(description="Loaded NAME/VERSION pairs.")
+    not_ready: list[NotReadyItem]
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    field: str | None = Field(description="Dotted path of the offending part of the request.")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# ---- reading requests ---------------------------------------------------------------------------------
+
+P = TypeVar("P", bound=RequestParams)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; empty means {} (all defaults).
+
+    orjson rejects NaN, Infinity and numbers beyond float64 as malformed. Python's json reads them, so on
+    that (rare) path it re-parses, and the field checks downstream then refuse the value with a 422 that
+    names its field instead of a 400 about a character position.
+    """
+    if not body.strip():
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadRequest(f"malformed JSON: {exc}", field="body") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"expected a JSON object, got {json_type(data)}", field="body")
+    return data
+
+
+def parse_params(model: type[P], data: dict[str, Any], *, from_query: bool = False) -> P:
+    """Validate small fields: strictly from JSON (no "3" for 3), leniently from query strings."""
+    try:
+        return model.model_validate(data, strict=not from_query)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        if err["type"] == "extra_forbidden":
+            raise InvalidInput(
+                f"unknown field; expected one of {sorted(model.model_fields)}", field=field
+            ) from None
+        raise InvalidInput(str(err["msg"]), field=field) from None
+
+
+def check_limit(value: int, limit: int, field: str, setting: str, what: str) -> None:
+    if value > limit:
+        raise InvalidInput(f"{what} is {value}; the limit ({setting}) is {limit}", field=field)
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return "an object"
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+LATENT_RANGE = (-1000.0, 1000.0)
+"""z beyond a thousand prior standard deviations is numerically meaningless (and can overflow to NaN)."""
+
+
+def _is_number(value: object) -> bool:
+    """A JSON number that fits float32's range (bool is an int subclass but not a number here)."""
+    if type(value) is float:
+        return True
+    return type(value) is int and abs(value) <= FLOAT32_MAX
+
+
+def _walk(node: object, dims: tuple[int, ...], path: str, shape_text: str) -> None:
+    """Find the first element of `node` that breaks shape `dims` or is not a number (the slow, error path)."""
+    if not isinstance(node, list):
+        raise InvalidInput(f"expected a list of {dims[0]} ({shape_text}), got {json_type(node)}", field=path)
+    if len(node) != dims[0]:
+        raise InvalidInput(f"expected {dims[0]} entries here ({shape_text}), got {len(node)}", field=path)
+    if len(dims) == 1:
+        for j, value in enumerate(node):
+            if not _is_number(value):
+                got = "an integer beyond float32's range" if type(value) is int else json_type(value)
+                raise InvalidInput(f"expected a number, got {got}", field=f"{path}.{j}")
+    else:
+        for j, child in enumerate(node):
+            _walk(child, dims[1:], f"{path}.{j}", shape_text)
+
+
+def _to_float32(array: np.ndarray) -> F32:
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, caught by the finite check
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _fast_numeric(value: list[Any]) -> np.ndarray | None:
+    """One numpy conversion of a uniform nested list of numbers, or None when it is ragged or not numeric."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        return None
+    return array if array.dtype.kind in "iuf" else None
+
+
+def _png_pixels(text: str, path: str, input_shape: tuple[int, ...]) -> F32:
+    """An 8-bit grayscale PNG of the model's height x width, as values in [0, 1]."""
+    if len(input_shape) == 3 and input_shape[0] == 1:
+        height, width = input_shape[1:]
+    elif len(input_shape) == 2:
+        height, width = input_shape
+    else:
+        raise InvalidInput(
+            f"this model's input shape {list(input_shape)} cannot come as a grayscale PNG; send numbers",
+            field=path,
+        )
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if header != "data:image/png;base64":
+            raise InvalidInput(f"expected a data:image/png;base64 URL, got {header!r}", field=path)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("expected a base64-encoded PNG (or a list of numbers)", field=path) from None
+    # Read the size from the IHDR chunk ourselves so an oversized image is refused before Pillow decodes it.
+    if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        raise InvalidInput("base64 data is not a PNG", field=path)
+    png_width, png_height = struct.unpack(">II", data[16:24])
+    if (png_width, png_height) != (width, height):
+        raise InvalidInput(f"expected a {width}x{height} PNG, got {png_width}x{png_height}", field=path)
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if image.mode != "L":
+                raise InvalidInput(
+                    f"expected an 8-bit grayscale PNG (mode L), got mode {image.mode}", field=path
+                )
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidInput(f"unreadable PNG: {exc}", field=path) from None
+    return (pixels.astype(np.float32) / np.float32(255)).reshape(input_shape)
+
+
+def _one_image(item: object, path: str, input_shape: tuple[int, ...]) -> tuple[F32, bool]:
+    """One request item -> (image in input_shape, whether the client sent it flat)."""
+    size = math.prod(input_shape)
+    if isinstance(item, str):
+        return _png_pixels(item, path, input_shape), True
+    shape_text = f"an image is {size} numbers flat or nested as {list(input_shape)}"
+    if not isinstance(item, list):
+        raise InvalidInput(
+            f"expected an image ({shape_text}, or a base64 PNG), got {json_type(item)}", field=path
+        )
+    flat = not item or not isinstance(item[0], list)
+    _walk(item, (size,) if flat else input_shape, path, shape_text)
+    return _to_float32(np.asarray(item)).reshape(input_shape), flat
+
+
+def _check_values(
+    array: F32,
+    field: str,
+    flat: list[bool],
+    item_shape: tuple[int, ...],
+    value_range: tuple[float, float],
+) -> None:
+    """Every value finite and inside value_range; errors name the element as the client indexed it."""
+    rows = array.reshape(array.shape[0], -1)
+    bad = ~np.isfinite(rows)
+    expected = "a finite number (float32)"
+    if not bad.any():
+        low, high = value_range
+        bad = (rows < low) | (rows > high)
+        expected = f"a number in [{low:g}, {high:g}]"
+    if not bad.any():
+        return
+    i, j = (int(k) for k in np.argwhere(bad)[0])
+    index = [j] if flat[i] else [int(k) for k in np.unravel_index(j, item_shape)]
+    raise InvalidInput(
+        f"expected {expected}, got {rows[i, j]:g}", field=".".join([field, str(i), *map(str, index)])
+    )
+
+
+def parse_images(
+    value: object,
+    input_shape: tuple[int, ...],
+    value_range: tuple[float, float],
+    max_batch: int,
+    field: str = "inputs",
+) -> F32:
+    """JSON `inputs` -> float32 [batch, *input_shape], or InvalidInput naming the offending element."""
+    if not isinstance(value, list) or not value:
+        raise InvalidInput(f"expected a non-empty list of images, got {json_type(value)}", field=field)
+    size = math.prod(input_shape)
+    array = _fast_numeric(value)
+    if array is not None and array.ndim == 1:
+        raise InvalidInput(
+            "expected a list of images, got one list of numbers; wrap one image as [[...]]", field=field
+        )
+    check_limit(len(value), max_batch, field, "MAX_BATCH", "the number of images")
+    if array is not None and array.shape[1:] in ((size,), input_shape):
+        images = _to_float32(array).reshape(len(value), *input_shape)
+        flat = [array.ndim == 2] * len(value)
+    else:
+        parsed = [_one_image(item, f"{field}.{i}", input_shape) for i, item in enumerate(value)]
+        images = np.stack([image for image, _ in parsed])
+        flat = [is_flat for _, is_flat in parsed]
+    _check_values(images, field, flat, input_shape, value_range)
+    return images
+
+
+def parse_latents(value: object, latent_dim: int, max_batch: int, field: str = "z") -> F32:
+    """JSON `z` -> float32 [batch, latent_dim] of finite numbers within LATENT_RANGE."""
+    if not isinstance(value, list) or not value:
+        raise InvalidInput(
+            f"expected a non-empty list of latent vectors, got {json_type(value)}", field=field
+        )
+    check_limit(len(value), max_batch, field, "MAX_BATCH", "the number of latent vectors")
+    array = _fast_numeric(value)
+    if array is None or array.shape[1:] != (latent_dim,):
+        for i, item in enumerate(value):
+            _walk(item, (latent_dim,), f"{field}.{i}", f"latent_dim is {latent_dim}")
+        array = np.asarray(value)
+    latents = _to_float32(array)
+    _check_values(latents, field, [True] * len(value), (latent_dim,), LATENT_RANGE)
+    return latents
+
+
+def read_npy(body: bytes) -> np.ndarray:
+    """An `application/x-npy` body (no pickles) as a numeric array."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise BadRequest(f"body is not a readable .npy file: {exc}", field="body") from None
+    if not isinstance(array, np.ndarray):
+        raise BadRequest("body is an .npz archive; send a single .npy array", field="body")
+    if array.dtype.kind not in "iuf":
+        raise InvalidInput(f"expected a numeric array, got dtype {array.dtype}", field="body")
+    return array
+
+
+def images_from_npy(
+    array: np.ndarray, input_shape: tuple[int, ...], value_range: tuple[float, float], max_batch: int
+) -> F32:
+    """npy images [batch, D] or [batch, *input_shape]; uint8 means 0-255 pixels."""
+    size = math.prod(input_shape)
+    if array.ndim < 2 or array.shape[1:] not in ((size,), input_shape) or array.shape[0] == 0:
+        raise InvalidInput(
+            f"expected an array [batch, {size}] or [batch, {', '.join(map(str, input_shape))}], "
+            f"got shape {list(array.shape)}",
+            field="inputs",
+        )
+    check_limit(array.shape[0], max_batch, "inputs", "MAX_BATCH", "the number of images")
+    images = _to_float32(array).reshape(array.shape[0], *input_shape)
+    if array.dtype == np.uint8:
+        images /= np.float32(255)
+    _check_values(images, "inputs", [array.ndim == 2] * array.shape[0], input_shape, value_range)
+    return images
+
+
+def latents_from_npy(array: np.ndarray, latent_dim: int, max_batch: int) -> F32:
+    if array.ndim != 2 or array.shape[1] != latent_dim or array.shape[0] == 0:
+        raise InvalidInput(
+            f"expected an array [batch, {latent_dim}], got shape {list(array.shape)}", field="z"
+        )
+    check_limit(array.shape[0], max_batch, "z", "MAX_BATCH", "the number of latent vectors")
+    latents = _to_float32(array)
+    _check_values(latents, "z", [True] * array.shape[0], (latent_dim,), LATENT_RANGE)
+    return latents

@@ -1,0 +1,89 @@
+"""Service configuration: one pydantic-settings class read from the environment (and `.env`), validated at start.
+
+Variables have no prefix (`MODEL_DIR`, `WORKERS`, ...). The table in `service/README.md` lists every one with
+its default and meaning; the field descriptions below are the source of that table.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: respects `taskset`/cgroup CPU affinity, unlike `os.cpu_count()`."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    model_dir: Path = Field(Path("models"), description="Directory holding NAME/VERSION/ model directories.")
+    device: Device = Field(
+        "auto",
+        description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail at start without one.",
+    )
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 to serve beyond this machine.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes; each loads every model.")
+    intra_op_threads: int = Field(
+        0, ge=0, description="onnxruntime threads inside one operator; 0 = max(1, usable CPUs // WORKERS)."
+    )
+    inter_op_threads: int = Field(
+        1, ge=1, description="onnxruntime threads across operators (graphs are chains)."
+    )
+    max_batch: int = Field(
+        256, ge=1, description="Most images (encode, reconstruct) or z rows (decode) per request."
+    )
+    max_samples: int = Field(
+        1024, ge=1, description="Most eps rows per request: n for sample, inputs x samples for encode."
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413."
+    )
+    max_batch_rows: int = Field(256, ge=1, description="Most rows merged into one onnxruntime run.")
+    batch_window_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long a batch waits for company (monotonic clock); 0 = no batching.",
+    )
+    max_queue_rows: int = Field(
+        32768,
+        ge=1,
+        description="Rows waiting or running per graph before requests get 503 (bounds queueing to well "
+        "under a second of work; 64 concurrent requests of 256 rows fit).",
+    )
+    log_level: LogLevel = Field("info", description="Log level of the service and uvicorn.")
+    access_log: bool = Field(
+        True, description="uvicorn's per-request access log line (costs CPU under load)."
+    )
+
+    @model_validator(mode="after")
+    def _resolve_threads(self) -> Self:
+        """Share the usable cores between workers so WORKERS x INTRA_OP_THREADS does not oversubscribe."""
+        if self.intra_op_threads == 0:
+            self.intra_op_threads = max(1, usable_cpus() // self.workers)
+        return self
+
+    @model_validator(mode="after")
+    def _queue_holds_the_largest_request(self) -> Self:
+        """A queue smaller than the largest valid request would turn that request into a permanent 503."""
+        largest = max(self.max_batch, self.max_samples)
+        if self.max_queue_rows < largest:
+            raise ValueError(
+                f"MAX_QUEUE_ROWS ({self.max_queue_rows}) must be at least max(MAX_BATCH, MAX_SAMPLES) ({largest})"
+            )
+        return self

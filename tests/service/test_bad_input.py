@@ -1,0 +1,277 @@
+"""Every client mistake gets a 4xx in the one error shape, naming the field; the service stays healthy."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from PIL import Image
+
+from tests.service.conftest import LATENT, PIXELS, image_batch, serve
+
+pytestmark = pytest.mark.anyio
+
+URL = "/v1/models/tiny"
+MAX_BATCH = 4
+MAX_SAMPLES = 64
+GOOD_IMAGE = image_batch(1).reshape(-1).tolist()  # flat, 784 values in [0, 1]
+
+
+def _with(index: int, value: Any) -> list[Any]:
+    image = list(GOOD_IMAGE)
+    image[index] = value
+    return image
+
+
+def _raw_image(index: int, token: bytes) -> bytes:
+    """A JSON body whose one image has `token` (e.g. NaN, which JSON itself does not allow) at `index`."""
+    values = [b"0.5"] * PIXELS
+    values[index] = token
+    return b'{"inputs": [[' + b",".join(values) + b"]]}"
+
+
+def _png(size: tuple[int, int], mode: str) -> str:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Case:
+    path: str
+    status: int
+    field: str | None
+    json: Any = None
+    content: bytes | None = None
+    headers: dict[str, str] | None = None
+    method: str = "POST"
+    says: str = ""  # a fragment the message must contain
+
+
+NPY = {"Content-Type": "application/x-npy"}
+CASES = {
+    # the body as a whole
+    "malformed-json": Case("tiny/encode", 400, "body", content=b'{"inputs": [', says="malformed JSON"),
+    "not-utf8": Case("tiny/encode", 400, "body", content=b'{"inputs": "\xff"}', says="malformed JSON"),
+    "body-not-object": Case("tiny/encode", 422, "body", json=[1, 2], says="JSON object"),
+    "unknown-field": Case(
+        "tiny/encode", 422, "sampels", json={"inputs": [GOOD_IMAGE], "sampels": 3}, says="unknown"
+    ),
+    "unsupported-content-type": Case(
+        "tiny/encode", 415, "body", content=b"a=1", headers={"Content-Type": "text/plain"}
+    ),
+    "json-body-plus-query": Case("tiny/sample?n=2", 422, "query", json={"seed": 1}),
+    # images
+    "inputs-missing": Case("tiny/encode", 422, "inputs", json={"samples": 1}, says="required"),
+    "inputs-empty": Case("tiny/encode", 422, "inputs", json={"inputs": []}, says="non-empty"),
+    "inputs-not-a-list": Case("tiny/encode", 422, "inputs", json={"inputs": 5}),
+    "single-image-unwrapped": Case("tiny/encode", 422, "inputs", json={"inputs": GOOD_IMAGE}, says="[[...]]"),
+    "image-wrong-size": Case("tiny/encode", 422, "inputs.0", json={"inputs": [GOOD_IMAGE[:-1]]}, says="784"),
+    "image-wrong-rank": Case(
+        "tiny/encode", 422, "inputs.0", json={"inputs": [[[0.5] * 28] * 28]}, says="[1, 28, 28]"
+    ),
+    "image-wrong-inner-size": Case(
+        "tiny/encode",
+        422,
+        "inputs.0.0.3",
+        json={"inputs": [[[[0.5] * 28] * 3 + [[0.5] * 27] + [[0.5] * 28] * 24]]},
+    ),
+    "second-image-short": Case(
+        "tiny/encode", 422, "inputs.1", json={"inputs": [GOOD_IMAGE, GOOD_IMAGE[:10]]}
+    ),
+    "image-is-number": Case("tiny/encode", 422, "inputs.1", json={"inputs": [GOOD_IMAGE, 3]}),
+    "non-number-string": Case(
+        "tiny/encode", 422, "inputs.0.12", json={"inputs": [_with(12, "x")]}, says="a string"
+    ),
+    "non-number-null": Case("tiny/encode", 422, "inputs.0.3", json={"inputs": [_with(3, None)]}, says="null"),
+    "non-number-bool": Case(
+        "tiny/encode", 422, "inputs.0.0", json={"inputs": [[True] * PIXELS]}, says="boolean"
+    ),
+    "nan": Case("tiny/encode", 422, "inputs.0.7", content=_raw_image(7, b"NaN"), says="finite"),
+    "infinity": Case(
+        "tiny/reconstruct", 422, "inputs.0.0", content=_raw_image(0, b"-Infinity"), says="finite"
+    ),
+    "beyond-float64": Case("tiny/encode", 422, "inputs.0.1", content=_raw_image(1, b"1e999"), says="finite"),
+    "beyond-float32": Case("tiny/encode", 422, "inputs.0.2", content=_raw_image(2, b"1e39"), says="finite"),
+    "above-one": Case("tiny/encode", 422, "inputs.0.12", json={"inputs": [_with(12, 1.5)]}, says="[0, 1]"),
+    "below-zero": Case(
+        "tiny/reconstruct", 422, "inputs.0.0", json={"inputs": [_with(0, -0.1)]}, says="[0, 1]"
+    ),
+    "above-one-nested": Case(
+        "tiny/encode",
+        422,
+        "inputs.0.0.1.2",
+        json={"inputs": [np.where(np.arange(PIXELS).reshape(1, 28, 28) == 30, 2.0, 0.5).tolist()]},
+    ),
+    "batch-over-limit": Case(
+        "tiny/encode", 422, "inputs", json={"inputs": [GOOD_IMAGE] * (MAX_BATCH + 1)}, says="MAX_BATCH"
+    ),
+    "png-not-base64": Case("tiny/encode", 422, "inputs.0", json={"inputs": ["not base64!"]}, says="base64"),
+    "png-not-png": Case(
+        "tiny/encode",
+        422,
+        "inputs.0",
+        json={"inputs": [base64.b64encode(b"GIF89a" * 10).decode()]},
+        says="not a PNG",
+    ),
+    "png-wrong-size": Case(
+        "tiny/encode", 422, "inputs.0", json={"inputs": [_png((10, 10), "L")]}, says="28x28"
+    ),
+    "png-rgb": Case(
+        "tiny/encode", 422, "inputs.0", json={"inputs": [_png((28, 28), "RGB")]}, says="grayscale"
+    ),
+    # small fields
+    "samples-negative": Case("tiny/encode", 422, "samples", json={"inputs": [GOOD_IMAGE], "samples": -1}),
+    "samples-string": Case("tiny/encode", 422, "samples", json={"inputs": [GOOD_IMAGE], "samples": "3"}),
+    "samples-over-limit": Case(
+        "tiny/encode",
+        422,
+        "samples",
+        json={"inputs": [GOOD_IMAGE], "samples": MAX_SAMPLES + 1},
+        says="MAX_SAMPLES",
+    ),
+    "inputs-x-samples-over-limit": Case(
+        "tiny/encode", 422, "samples", json={"inputs": [GOOD_IMAGE] * 2, "samples": 40}, says="MAX_SAMPLES"
+    ),
+    "seed-negative": Case("tiny/sample", 422, "seed", json={"seed": -1}),
+    "seed-too-large": Case("tiny/sample", 422, "seed", json={"seed": 2**64}),
+    "seed-float": Case("tiny/sample", 422, "seed", json={"seed": 1.5}),
+    "n-zero": Case("tiny/sample", 422, "n", json={"n": 0}),
+    "n-over-limit": Case("tiny/sample", 422, "n", json={"n": MAX_SAMPLES + 1}, says="MAX_SAMPLES"),
+    "n-nan": Case("tiny/sample", 422, "n", content=b'{"n": NaN}'),
+    "temperature-negative": Case("tiny/sample", 422, "temperature", json={"temperature": -0.5}),
+    "temperature-infinite": Case("tiny/sample", 422, "temperature", content=b'{"temperature": Infinity}'),
+    "temperature-text": Case("tiny/sample", 422, "temperature", json={"temperature": "hot"}),
+    "dtype-unknown": Case("tiny/sample", 422, "dtype", json={"dtype": "float64"}),
+    "mode-unknown": Case("tiny/reconstruct", 422, "mode", json={"inputs": [GOOD_IMAGE], "mode": "median"}),
+    "query-n-not-int": Case("tiny/sample?n=many", 422, "n"),
+    # latents
+    "z-missing": Case("tiny/decode", 422, "z", json={}),
+    "z-empty": Case("tiny/decode", 422, "z", json={"z": []}),
+    "z-wrong-dim": Case(
+        "tiny/decode", 422, "z.1", json={"z": [[0.0] * LATENT, [0.0] * (LATENT + 1)]}, says=str(LATENT)
+    ),
+    "z-flat": Case("tiny/decode", 422, "z.0", json={"z": [0.0] * LATENT}),
+    "z-nan": Case("tiny/decode", 422, "z.0.1", content=b'{"z": [[0, NaN, 0, 0]]}', says="finite"),
+    "z-out-of-range": Case("tiny/decode", 422, "z.0.3", json={"z": [[0, 0, 0, 1e6]]}, says="[-1000, 1000]"),
+    "integer-beyond-float32": Case(
+        "tiny/encode", 422, "inputs.0.4", json={"inputs": [_with(4, 10**400)]}, says="beyond"
+    ),
+    "z-over-limit": Case(
+        "tiny/decode", 422, "z", json={"z": [[0.0] * LATENT] * (MAX_BATCH + 1)}, says="MAX_BATCH"
+    ),
+    # npy bodies
+    "npy-garbage": Case("tiny/encode", 400, "body", content=b"\x93NUMPY garbage", headers=NPY, says=".npy"),
+    "npy-wrong-shape": Case(
+        "tiny/encode", 422, "inputs", content=_npy(np.zeros((2, 783), np.float32)), headers=NPY
+    ),
+    "npy-object-dtype": Case(
+        "tiny/encode", 400, "body", content=_npy(np.array([{"a": 1}], dtype=object)), headers=NPY
+    ),
+    "npy-text-dtype": Case(
+        "tiny/encode", 422, "body", content=_npy(np.array(["a"])), headers=NPY, says="numeric"
+    ),
+    "npy-nan": Case(
+        "tiny/encode",
+        422,
+        "inputs.1.5",
+        content=_npy(np.where(np.arange(2 * PIXELS).reshape(2, PIXELS) == PIXELS + 5, np.nan, 0.5)),
+        headers=NPY,
+    ),
+    "npy-z-wrong-dim": Case("tiny/decode", 422, "z", content=_npy(np.zeros((3, LATENT + 1))), headers=NPY),
+    "npy-bad-query": Case(
+        "tiny/encode?samples=lots", 422, "samples", content=_npy(image_batch(1)), headers=NPY
+    ),
+    "npy-on-sample": Case("tiny/sample", 415, "body", content=_npy(np.zeros(3)), headers=NPY),
+    # routing and negotiation
+    "unknown-model": Case("nope/sample", 404, "model", json={}),
+    "unknown-version": Case("tiny/versions/3/sample", 404, "version", json={}, says="'10'"),
+    "unknown-model-metadata": Case("nope", 404, "model", method="GET"),
+    "accept-unsupported": Case("tiny/sample", 406, "accept", json={}, headers={"Accept": "text/html"}),
+    "accept-png-on-encode": Case(
+        "tiny/encode", 406, "accept", json={"inputs": [GOOD_IMAGE]}, headers={"Accept": "image/png"}
+    ),
+    "wrong-method": Case("tiny/sample", 405, None, method="GET"),
+}
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def limited(model_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(model_dir, max_batch=MAX_BATCH, max_samples=MAX_SAMPLES, max_queue_rows=256) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+async def test_bad_request_gets_a_4xx_naming_the_field(limited: httpx.AsyncClient, case: Case) -> None:
+    kwargs: dict[str, Any] = {"headers": case.headers or {}}
+    if case.json is not None:
+        kwargs["json"] = case.json
+    if case.content is not None:
+        kwargs["content"] = case.content
+    response = await limited.request(case.method, f"/v1/models/{case.path}", **kwargs)
+    assert response.status_code == case.status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["status"] == case.status
+    assert error["field"] == case.field, error
+    assert case.says in error["message"]
+
+    after = await limited.post(f"{URL}/sample", json={"n": 1, "seed": 0})
+    assert after.status_code == 200, "a good request after a bad one must still work"
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_body_over_max_body_bytes_is_413(model_dir: Path, chunked: bool) -> None:
+    body = orjson.dumps({"inputs": [GOOD_IMAGE] * 2})  # ~25 kB
+    assert len(body) > 4096
+
+    async def stream() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    async with serve(model_dir, max_body_bytes=4096) as client:
+        content: Any = stream() if chunked else body
+        response = await client.post(
+            f"{URL}/encode", content=content, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["field"] == "body"
+        assert "MAX_BODY_BYTES is 4096" in response.json()["error"]["message"]
+        small = await client.post(f"{URL}/encode", json={"inputs": [GOOD_IMAGE[:10]]})
+        assert small.status_code == 422  # under the limit, so it reaches validation
+
+
+async def test_queue_full_answers_503_with_retry_after(model_dir: Path) -> None:
+    """A request bigger than the free queue is refused at once, not queued."""
+    async with serve(
+        model_dir, max_samples=64, max_batch=4, max_queue_rows=64, batch_window_ms=500
+    ) as client:
+        first = client.post(f"{URL}/sample", json={"n": 40, "seed": 1})
+        second = client.post(f"{URL}/sample", json={"n": 40, "seed": 2})
+        responses = await asyncio.gather(first, second)
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [200, 503], [r.text for r in responses]
+        refused = next(r for r in responses if r.status_code == 503)
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "queue is full" in refused.json()["error"]["message"]
+        assert (await client.post(f"{URL}/sample", json={"n": 40, "seed": 3})).status_code == 200

@@ -1,0 +1,70 @@
+"""Settings: no prefix, validated at start, defaults that do not oversubscribe the cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from service.__main__ import logging_config
+from service.settings import Settings, usable_cpus
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORKERS", "INTRA_OP_THREADS", "MODEL_DIR", "DEVICE", "BATCH_WINDOW_MS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = Settings(_env_file=None)
+    assert settings.model_dir == Path("models")
+    assert settings.device == "auto"
+    assert (settings.host, settings.port, settings.workers) == ("127.0.0.1", 8000, 1)
+    assert settings.intra_op_threads == usable_cpus()
+    assert settings.inter_op_threads == 1
+    assert (settings.max_batch, settings.max_samples, settings.max_batch_rows) == (256, 1024, 256)
+    assert settings.batch_window_ms == 2.0
+
+
+def test_environment_without_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_DIR", "/srv/models")
+    monkeypatch.setenv("WORKERS", "2")
+    monkeypatch.setenv("BATCH_WINDOW_MS", "0")
+    monkeypatch.setenv("DEVICE", "cpu")
+    monkeypatch.delenv("INTRA_OP_THREADS", raising=False)
+    settings = Settings(_env_file=None)
+    assert settings.model_dir == Path("/srv/models")
+    assert settings.workers == 2
+    assert settings.intra_op_threads == max(1, usable_cpus() // 2)  # the cores are shared between workers
+    assert settings.batch_window_ms == 0.0
+
+
+def test_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAX_BATCH", raising=False)
+    env = tmp_path / ".env"
+    env.write_text("MAX_BATCH=8\nINTRA_OP_THREADS=3\n")
+    settings = Settings(_env_file=env)
+    assert settings.max_batch == 8
+    assert settings.intra_op_threads == 3
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"device": "tpu"}, "device"),
+        ({"workers": 0}, "workers"),
+        ({"batch_window_ms": -1}, "batch_window_ms"),
+        ({"port": 70000}, "port"),
+        ({"max_queue_rows": 100}, "MAX_QUEUE_ROWS"),
+        ({"log_level": "loud"}, "log_level"),
+    ],
+    ids=["device", "workers", "window", "port", "queue-below-largest-request", "log-level"],
+)
+def test_invalid_settings_are_refused(values: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        Settings(_env_file=None, **values)
+
+
+def test_logging_config_adds_the_service_logger() -> None:
+    config = logging_config("warning")
+    assert config["loggers"]["service"]["level"] == "WARNING"
+    assert "uvicorn" in config["loggers"]
