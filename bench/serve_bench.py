@@ -1,0 +1,709 @@
+"""Serving benchmark (issue 5): the service under wrk beside its peers, its ceiling and its floor, in one run.
+
+    .venv/bin/python -m bench.serve_bench                     # full sweep, about 12 minutes
+    .venv/bin/python -m bench.serve_bench --duration 3 --concurrency 1,64   # a quick look
+
+Run from the repository root. It measures, on one server core and one onnxruntime thread:
+
+- ceiling   the same ONNX graphs in-process (`InferenceSession.run` in a loop, the service's session
+            options): decoder at batch 1 and 256, encoder at batch 64;
+- service   `python -m service` with batching on (the default BATCH_WINDOW_MS, or --window-ms);
+- service, batching off   the same with BATCH_WINDOW_MS=0;
+- naive     `bench/peer_naive.py`: FastAPI returning a dict, one `session.run` per request;
+- no-op     `bench/peer_noop.py`: a FastAPI endpoint that does nothing (the HTTP floor).
+
+Each server runs alone, pinned with `taskset` to --server-cpu, with uvicorn's access log off; wrk (one
+thread) is pinned to --client-cpu and sweeps the connection counts for each request: `sample` n=1,
+`sample` n=256 as JSON and as .npy (`Accept: application/x-npy`), and `encode` of 64 Fashion-MNIST test
+images as JSON. Per point it reports requests/s, samples/s, p50, p99, errors (socket errors, timeouts and
+HTTP statuses >= 400), the server's CPU use (/proc/PID/stat, all its processes) and, for the service, the
+mean number of requests merged per onnxruntime run (the change in `/metrics`' batch histograms over the
+point). RSS is read after warm-up and after the sweep. The markdown table is printed and written to --out,
+followed by the goals of issue 5 as PASS/FAIL lines.
+
+The model is the newest version of the first (or --model) name under --model-dir (default `models`);
+if there is none, a stand-in with the same shapes (`bench/serve_standin.py`) is written to a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from bench.serve_load import Load, Server, cpu_seconds, free_port, http, rss_bytes, run_wrk, wait_idle
+from bench.serve_standin import write_standin
+from service.manifest import DECODER_INPUT, ENCODER_INPUT, MANIFEST_NAME, Manifest, read_manifest
+
+FASHION_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+NPY = "application/x-npy"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    label: str
+    endpoint: str  # the path after /v1/models/{model}/
+    body: bytes
+    accept: str | None
+    rows: int  # samples (sample) or images (encode) per request
+    graph: str  # the graph it runs, for the ceiling
+    batch: int  # the batch that graph sees in-process, for the ceiling
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    key: str
+    label: str
+    scenarios: tuple[str, ...]
+
+
+SERVERS = {
+    "service": ServerSpec(
+        "service", "service, batching on", ("sample1", "sample256-json", "sample256-npy", "encode64")
+    ),
+    "service-nobatch": ServerSpec(
+        "service-nobatch", "service, batching off", ("sample1", "sample256-json", "sample256-npy", "encode64")
+    ),
+    "naive": ServerSpec("naive", "naive peer", ("sample1", "sample256-json", "encode64")),
+    "noop": ServerSpec("noop", "no-op floor", ("noop",)),
+}
+
+
+@dataclass
+class Point:
+    scenario: Scenario
+    connections: int
+    load: Load
+    cpu_s: float  # CPU time the server's processes used during the point
+    merged: float | None  # mean requests per onnxruntime run over this point (service only)
+    response_bytes: int
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.load.rps * self.scenario.rows
+
+    @property
+    def cpu_percent(self) -> float:
+        return 100 * self.cpu_s / self.load.seconds if self.load.seconds else 0.0
+
+    @property
+    def per_cpu_second(self) -> float:
+        """Successful requests per second of server CPU: req/s with a core to itself, whatever else runs."""
+        return self.load.rps * self.load.seconds / self.cpu_s if self.cpu_s else 0.0
+
+
+@dataclass
+class ServerRun:
+    spec: ServerSpec
+    points: list[Point] = field(default_factory=list)
+    rss_warm: int = 0
+    rss_end: int = 0
+    error: str | None = None
+
+    def point(self, scenario: str, connections: int) -> Point | None:
+        return next(
+            (p for p in self.points if p.scenario.key == scenario and p.connections == connections), None
+        )
+
+
+# --- model, bodies, ceiling ---------------------------------------------------------------------------
+
+
+def find_model(model_root: Path, name: str | None) -> Path | None:
+    """The newest version directory of `name` (or of the first name) under MODEL_DIR, if any."""
+    names = sorted(p for p in model_root.glob("*") if p.is_dir() and (name is None or p.name == name))
+    for name_dir in names:
+        versions = [p for p in name_dir.iterdir() if (p / MANIFEST_NAME).is_file()]
+        if versions:
+            return max(
+                versions, key=lambda p: (p.name.isdecimal(), int(p.name) if p.name.isdecimal() else 0, p.name)
+            )
+    return None
+
+
+def fashion_test_images(count: int, size: int) -> np.ndarray:
+    """`count` Fashion-MNIST test images as [count, size] floats in [0, 1] (random if the set is absent)."""
+    if FASHION_TEST_IMAGES.is_file():
+        with gzip.open(FASHION_TEST_IMAGES) as f:
+            raw = np.frombuffer(f.read(), np.uint8, offset=16)  # IDX header: magic, count, rows, cols
+        if raw.size >= count * size:
+            return raw[: count * size].reshape(count, size) / 255.0
+    return np.random.default_rng(0).random((count, size))
+
+
+def scenarios(manifest: Manifest) -> dict[str, Scenario]:
+    images = fashion_test_images(64, manifest.input_size).round(4).tolist()
+    sample1 = json.dumps({"n": 1, "seed": 1}).encode()
+    sample256 = json.dumps({"n": 256, "seed": 1}).encode()
+    return {
+        "sample1": Scenario("sample1", "sample n=1", "sample", sample1, None, 1, "decoder", 1),
+        "sample256-json": Scenario(
+            "sample256-json", "sample n=256 JSON", "sample", sample256, None, 256, "decoder", 256
+        ),
+        "sample256-npy": Scenario(
+            "sample256-npy", "sample n=256 .npy", "sample", sample256, NPY, 256, "decoder", 256
+        ),
+        "encode64": Scenario(
+            "encode64",
+            "encode 64 JSON",
+            "encode",
+            json.dumps({"inputs": images}).encode(),
+            None,
+            64,
+            "encoder",
+            64,
+        ),
+        "noop": Scenario("noop", "no-op (sample n=1 body)", "sample", sample1, None, 1, "decoder", 1),
+    }
+
+
+@contextmanager
+def pinned_to(cpu: int | None) -> Iterator[None]:
+    if cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def measure_ceiling(
+    version_dir: Path, manifest: Manifest, batches: set[tuple[str, int]], cpu: int | None, seconds: float
+) -> dict[tuple[str, int], float]:
+    """Rows/s of each (graph, batch) run in a loop in this process, on the server's core, one thread."""
+    import onnxruntime as ort
+
+    from service.runtime import session_options
+
+    inputs = {
+        "decoder": (DECODER_INPUT, (manifest.latent_dim,)),
+        "encoder": (ENCODER_INPUT, manifest.input_shape),
+    }
+    files = {"decoder": manifest.files.decoder.path, "encoder": manifest.files.encoder.path}
+    rng = np.random.default_rng(0)
+    results = {}
+    with pinned_to(cpu):
+        options = session_options(1, 1)
+        sessions = {
+            graph: ort.InferenceSession(
+                str(version_dir / files[graph]), options, providers=["CPUExecutionProvider"]
+            )
+            for graph in {graph for graph, _ in batches}
+        }
+        for graph, batch in sorted(batches):
+            name, dims = inputs[graph]
+            feed = {name: rng.random((batch, *dims), dtype=np.float32)}
+            for _ in range(10):
+                sessions[graph].run(None, feed)
+            runs, began = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - began) < seconds:
+                sessions[graph].run(None, feed)
+                runs += 1
+            results[graph, batch] = runs * batch / elapsed
+    return results
+
+
+# --- one server -----------------------------------------------------------------------------------------
+
+
+def check_response(scenario: Scenario, data: bytes) -> None:
+    """Fail early, with the body in the message, if a server answers something other than what is measured."""
+    if scenario.key == "noop":
+        return
+    try:
+        if scenario.accept == NPY:
+            rows = len(np.load(io.BytesIO(data), allow_pickle=False))
+        else:
+            body = json.loads(data)
+            rows = len(body["samples"] if scenario.endpoint == "sample" else body["mu"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise RuntimeError(f"{scenario.label}: unexpected response ({error!r}): {data[:200]!r}") from error
+    if rows != scenario.rows:
+        raise RuntimeError(f"{scenario.label}: expected {scenario.rows} rows, got {rows}")
+
+
+_BATCH_LINE = re.compile(r"^(\w*batch\w*request\w*)_(sum|count)(\{[^}]*\})?\s+(\S+)$", re.MULTILINE)
+
+
+def merged_totals(metrics_text: str) -> tuple[float, float]:
+    """(sum, count) over every label set of the service's requests-merged-per-run histogram(s)."""
+    totals = {"sum": 0.0, "count": 0.0}
+    for match in _BATCH_LINE.finditer(metrics_text):
+        totals[match[2]] += float(match[4])
+    return totals["sum"], totals["count"]
+
+
+def launch(
+    spec: ServerSpec, port: int, args: argparse.Namespace, model_root: Path, version_dir: Path, scratch: Path
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that start `spec` on `port`, all with the same server settings."""
+    env = dict(os.environ) | {
+        "INTRA_OP_THREADS": str(args.intra_op_threads),
+        "INTER_OP_THREADS": str(args.inter_op_threads),
+    }
+    if spec.key.startswith("service"):
+        env |= {
+            "MODEL_DIR": str(model_root),
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "WORKERS": str(args.workers),
+            "LOG_LEVEL": "warning",
+            "ACCESS_LOG": "false",
+        }
+        if args.workers > 1:  # one /metrics for all workers (see service/metrics.py)
+            metrics_dir = scratch / f"prometheus-{spec.key}"
+            metrics_dir.mkdir()
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+        if spec.key == "service-nobatch":
+            env["BATCH_WINDOW_MS"] = "0"
+        elif args.window_ms is not None:
+            env["BATCH_WINDOW_MS"] = str(args.window_ms)
+        env |= dict(item.split("=", 1) for item in args.env)
+        return [sys.executable, "-m", "service"], env
+    env["PEER_MODEL"] = str(version_dir)
+    app = {"naive": "bench.peer_naive:app", "noop": "bench.peer_noop:app"}[spec.key]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+    return command, env
+
+
+def sweep_server(
+    spec: ServerSpec,
+    command: list[str],
+    env: dict[str, str],
+    base: str,
+    chosen: list[Scenario],
+    model: str,
+    args: argparse.Namespace,
+    log_path: Path,
+) -> ServerRun:
+    """Start one server; check each request's answer and warm it up at the sweep's highest connection count
+    (so RSS after warm-up is the steady state, and growth after the sweep means a leak); sweep; stop."""
+    run = ServerRun(spec)
+    server = Server(command, env, args.server_cpu, log_path)
+    metrics_url = f"{base}/metrics" if spec.key.startswith("service") else None
+    sizes: dict[str, int] = {}
+    try:
+        server.wait_ready(f"{base}/readyz")
+        for scenario in chosen:
+            url = f"{base}/v1/models/{model}/{scenario.endpoint}"
+            headers = {"Content-Type": "application/json"} | (
+                {"Accept": scenario.accept} if scenario.accept else {}
+            )
+            data = http("POST", url, scenario.body, headers)
+            check_response(scenario, data)
+            sizes[scenario.key] = len(data)
+            wrk_for(url, scenario, max(args.concurrency), args.warmup, args)
+            wait_idle(server.pid)
+        run.rss_warm = rss_bytes(server.pid)
+        for scenario in chosen:
+            url = f"{base}/v1/models/{model}/{scenario.endpoint}"
+            for connections in args.concurrency:
+                merged_before = (
+                    merged_totals(http("GET", metrics_url).decode()) if metrics_url else (0.0, 0.0)
+                )
+                cpu_before = cpu_seconds(server.pid)
+                load = wrk_for(url, scenario, connections, args.duration, args)
+                cpu_s = cpu_seconds(server.pid) - cpu_before
+                merged = None
+                if metrics_url:
+                    merged_after = merged_totals(http("GET", metrics_url).decode())
+                    runs = merged_after[1] - merged_before[1]
+                    merged = (merged_after[0] - merged_before[0]) / runs if runs else None
+                run.points.append(Point(scenario, connections, load, cpu_s, merged, sizes[scenario.key]))
+                print(
+                    f"  {spec.label:22} {scenario.label:24} c={connections:<3} {load.rps:9.0f} req/s  "
+                    f"p50 {load.p50_ms:8.2f} ms  p99 {load.p99_ms:8.2f} ms  "
+                    f"errors {load.http_errors} HTTP, {load.socket_errors} socket",
+                    flush=True,
+                )
+                wait_idle(server.pid)
+        run.rss_end = rss_bytes(server.pid)
+    except (RuntimeError, OSError) as error:
+        run.error = str(error).strip().splitlines()[0]
+        print(f"  {spec.label}: {error}", file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+    return run
+
+
+def wrk_for(url: str, scenario: Scenario, connections: int, seconds: float, args: argparse.Namespace) -> Load:
+    return run_wrk(
+        url,
+        scenario.body,
+        accept=scenario.accept,
+        connections=connections,
+        seconds=seconds,
+        cpu=args.client_cpu,
+        timeout_s=max(10.0, seconds),
+    )
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def goals(runs: dict[str, ServerRun], ceiling: dict[tuple[str, int], float]) -> list[str]:
+    """Issue 5's goals, one PASS/FAIL/SKIP line each."""
+    lines: list[str] = []
+
+    def verdict(ok: bool | None, text: str) -> None:
+        lines.append(f"{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}  {text}")
+
+    def at(server: str, scenario: str, connections: int) -> Point | None:
+        run = runs.get(server)
+        return run.point(scenario, connections) if run else None
+
+    on, naive, noop = at("service", "sample1", 64), at("naive", "sample1", 64), at("noop", "noop", 64)
+    if on and naive:
+        ratio = on.load.rps / naive.load.rps if naive.load.rps else float("inf")
+        verdict(
+            ratio >= 3,
+            f"sample n=1, c=64: {on.load.rps:,.0f} req/s = {ratio:.2f}x the naive peer's (goal >= 3x)",
+        )
+    else:
+        verdict(None, "sample n=1, c=64 vs the naive peer: not measured")
+    if on and noop:
+        ratio = on.load.rps / noop.load.rps if noop.load.rps else 0.0
+        verdict(
+            ratio >= 0.75,
+            f"sample n=1, c=64: {ratio:.0%} of the no-op floor's {noop.load.rps:,.0f} req/s (goal >= 75%)",
+        )
+    else:
+        verdict(None, "sample n=1, c=64 vs the no-op floor: not measured")
+    if on:
+        ratio = on.load.p99_ms / on.load.p50_ms if on.load.p50_ms else float("inf")
+        verdict(
+            ratio <= 4,
+            f"sample n=1, c=64: p99 {on.load.p99_ms:.2f} ms = {ratio:.1f}x p50 {on.load.p50_ms:.2f} ms "
+            "(goal <= 4x)",
+        )
+        merged = on.merged
+        verdict(
+            None if merged is None else merged >= 4,
+            f"sample n=1, c=64, batching on: {merged if merged is not None else float('nan'):.1f} "
+            "requests merged per run (goal >= 4)",
+        )
+    ceiling_256 = ceiling.get(("decoder", 256))
+    for key, share in (("sample256-json", 0.35), ("sample256-npy", 0.70)):
+        run = runs.get("service")
+        points = [p for p in run.points if p.scenario.key == key] if run else []
+        if points and ceiling_256:
+            best = max(points, key=lambda p: p.samples_per_s)
+            ratio = best.samples_per_s / ceiling_256
+            verdict(
+                ratio >= share,
+                f"{best.scenario.label}: best {best.samples_per_s:,.0f} samples/s (c={best.connections}) = "
+                f"{ratio:.0%} of the in-process decoder's {ceiling_256:,.0f} (goal >= {share:.0%})",
+            )
+        else:
+            verdict(None, f"{key} vs the in-process decoder: not measured")
+    if "service" in runs and "service-nobatch" in runs:
+        for p_on in (p for p in runs["service"].points if p.connections == 1):
+            p_off = at("service-nobatch", p_on.scenario.key, 1)
+            if p_off and p_off.load.rps:
+                ratio = p_on.load.rps / p_off.load.rps
+                verdict(
+                    ratio >= 0.95,
+                    f"{p_on.scenario.label}, c=1: batching on {p_on.load.rps:,.0f} req/s = {ratio:.0%} of "
+                    f"batching off {p_off.load.rps:,.0f} (goal >= 95%; per CPU-second "
+                    f"{p_on.per_cpu_second:,.0f} vs {p_off.per_cpu_second:,.0f})",
+                )
+    for key in ("service", "service-nobatch"):
+        run = runs.get(key)
+        if run is None:
+            continue
+        if run.error:
+            verdict(False, f"{run.spec.label}: {run.error}")
+            continue
+        http_errors = sum(p.load.http_errors for p in run.points)
+        socket_errors = sum(p.load.socket_errors for p in run.points)
+        verdict(
+            http_errors + socket_errors == 0,
+            f"{run.spec.label}: {http_errors} HTTP errors and {socket_errors} socket errors over "
+            f"{len(run.points)} points (goal 0)",
+        )
+        growth = run.rss_end / run.rss_warm - 1 if run.rss_warm else float("inf")
+        verdict(
+            growth <= 0.10,
+            f"{run.spec.label}: RSS {run.rss_warm / 2**20:.0f} MB after warm-up, "
+            f"{run.rss_end / 2**20:.0f} MB after the sweep ({growth:+.1%}; goal within 10%)",
+        )
+    return lines
+
+
+def render(
+    args: argparse.Namespace,
+    model_note: str,
+    ceiling: dict[tuple[str, int], float],
+    runs: dict[str, ServerRun],
+    goal_lines: list[str],
+) -> str:
+    import onnxruntime
+
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    out = [
+        "# Serving benchmark",
+        "",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; {cpu_model}, {os.cpu_count()} CPUs; "
+        f"Python {platform.python_version()}, "
+        f"onnxruntime {onnxruntime.__version__}.",
+        f"Command: `{' '.join(['python -m bench.serve_bench', *sys.argv[1:]])}`",
+        f"Model: {model_note}. Servers pinned to CPU {args.server_cpu}, "
+        f"wrk (1 thread) to CPU {args.client_cpu}; WORKERS={args.workers}, "
+        f"INTRA_OP_THREADS={args.intra_op_threads}, INTER_OP_THREADS={args.inter_op_threads}, "
+        f"BATCH_WINDOW_MS={'service default' if args.window_ms is None else args.window_ms} (on) / 0 (off); "
+        f"{args.duration:g} s per point, after {args.warmup:g} s of warm-up per request at "
+        f"{max(args.concurrency)} connections.",
+        "",
+        "## In-process ceiling (same graphs, one onnxruntime thread, the service's session options)",
+        "",
+        *_table(
+            ["graph", "batch", "samples/s"],
+            [[g, str(b), f"{v:,.0f}"] for (g, b), v in sorted(ceiling.items())],
+        ),
+        "",
+        "## Under load",
+        "",
+        "req/s and samples/s (images/s for encode) count successful responses only; p50/p99 cover "
+        "every response, errors included; errors are HTTP statuses >= 400 / socket errors and timeouts; "
+        "server CPU % is CPU time of the server's processes over the point's wall time (100 = one core); "
+        "req/CPU-s is successful requests per second of server CPU time (compare these when other work "
+        "shares the machine); "
+        "merged/run is the mean number of requests per onnxruntime run over the point, from the "
+        "service's /metrics.",
+        "",
+    ]
+    rows = []
+    for run in runs.values():
+        for p in run.points:
+            rows.append(
+                [
+                    run.spec.label,
+                    p.scenario.label,
+                    str(p.connections),
+                    f"{p.load.rps:,.0f}",
+                    f"{p.samples_per_s:,.0f}",
+                    f"{p.load.p50_ms:.2f}" if p.load.responses else "-",
+                    f"{p.load.p99_ms:.2f}" if p.load.responses else "-",
+                    f"{p.load.http_errors}/{p.load.socket_errors}",
+                    f"{p.cpu_percent:.0f}",
+                    f"{p.per_cpu_second:,.0f}",
+                    "" if p.merged is None else f"{p.merged:.1f}",
+                    f"{p.response_bytes / 1024:,.1f}",
+                ]
+            )
+    out += _table(
+        [
+            "server",
+            "request",
+            "conc",
+            "req/s",
+            "samples/s",
+            "p50 ms",
+            "p99 ms",
+            "errors HTTP/socket",
+            "server CPU %",
+            "req/CPU-s",
+            "merged/run",
+            "response KiB",
+        ],
+        rows,
+    )
+    out += ["", "## Memory", ""]
+    out += _table(
+        ["server", "RSS after warm-up MiB", "RSS after sweep MiB", "note"],
+        [
+            [run.spec.label, f"{run.rss_warm / 2**20:.0f}", f"{run.rss_end / 2**20:.0f}", run.error or ""]
+            for run in runs.values()
+        ],
+    )
+    out += ["", "## Goals (issue 5)", "", "```", *goal_lines, "```", ""]
+    return "\n".join(out)
+
+
+# --- command line ---------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _choices(allowed: list[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [v for v in text.split(",") if v]
+        unknown = sorted(set(items) - set(allowed))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {allowed}")
+        return items
+
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=Path("models"), help="MODEL_DIR (default: %(default)s)"
+    )
+    parser.add_argument("--model", help="model name under --model-dir (default: the first)")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per point (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of load per request before the sweep"
+    )
+    parser.add_argument(
+        "--concurrency", type=_int_list, default=[1, 8, 32, 64], help="wrk connections, e.g. 1,8,32,64"
+    )
+    parser.add_argument(
+        "--servers",
+        type=_choices(list(SERVERS)),
+        default=list(SERVERS),
+        help=f"which servers, comma-separated (default: all of {','.join(SERVERS)})",
+    )
+    requests = ["sample1", "sample256-json", "sample256-npy", "encode64"]
+    parser.add_argument(
+        "--requests",
+        type=_choices(requests),
+        default=requests,
+        help=f"which requests, comma-separated (default: all of {','.join(requests)})",
+    )
+    parser.add_argument(
+        "--server-cpu", type=int, default=0, help="core for the servers and the ceiling (default: 0)"
+    )
+    parser.add_argument("--client-cpu", type=int, default=1, help="core for wrk (default: 1)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn workers for every server (default: 1)"
+    )
+    parser.add_argument(
+        "--intra-op-threads", type=int, default=1, help="onnxruntime intra-op threads (default: 1)"
+    )
+    parser.add_argument(
+        "--inter-op-threads", type=int, default=1, help="onnxruntime inter-op threads (default: 1)"
+    )
+    parser.add_argument(
+        "--window-ms", type=float, help="BATCH_WINDOW_MS with batching on (default: the service's)"
+    )
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the service, e.g. MAX_BATCH_ROWS=128 (repeatable)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results/serve_bench.md"), help="markdown report"
+    )
+    args = parser.parse_args(argv)
+    if not all("=" in item for item in args.env):
+        parser.error("--env takes KEY=VALUE")
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
+    if shutil.which("taskset") is None:
+        print("taskset not found: servers and wrk run unpinned", file=sys.stderr)
+        args.server_cpu = args.client_cpu = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
+        scratch = Path(tmp)
+        model_root = args.model_dir
+        version_dir = find_model(model_root, args.model) if model_root.is_dir() else None
+        if version_dir is None:
+            model_root = scratch / "models"
+            version_dir = write_standin(model_root)
+            model_note = (
+                f"no model under {args.model_dir}: stand-in MLP VAE (bench/serve_standin.py, random weights)"
+            )
+        else:
+            model_note = f"{version_dir}"
+        manifest = read_manifest(version_dir)
+        model_note = f"{manifest.name}/{manifest.version} ({model_note}; {manifest.architecture})"
+        print(f"model: {model_note}", flush=True)
+        all_scenarios = scenarios(manifest)
+        wanted = {
+            key: [all_scenarios[k] for k in SERVERS[key].scenarios if k in args.requests or k == "noop"]
+            for key in args.servers
+        }
+        batches = {(s.graph, s.batch) for chosen in wanted.values() for s in chosen}
+        ceiling = measure_ceiling(version_dir, manifest, batches, args.server_cpu, min(args.duration, 5.0))
+        for (graph, batch), value in sorted(ceiling.items()):
+            print(f"  ceiling {graph} batch {batch}: {value:,.0f} samples/s", flush=True)
+        runs = {}
+        for key in args.servers:
+            spec = SERVERS[key]
+            port = free_port()
+            command, env = launch(spec, port, args, model_root, version_dir, scratch)
+            runs[key] = sweep_server(
+                spec,
+                command,
+                env,
+                f"http://127.0.0.1:{port}",
+                wanted[key],
+                manifest.name,
+                args,
+                scratch / f"{key}.log",
+            )
+    goal_lines = goals(runs, ceiling)
+    report = render(args, model_note, ceiling, runs, goal_lines)
+    print("\n" + report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,230 @@
+"""Load generation and server bookkeeping for `serve_bench`: wrk runs, server processes, /proc readings.
+
+wrk (Debian's `wrk` package) sends the POST bodies from a small Lua script written to a temp file; the
+script's `done` hook prints the totals and latency percentiles on one line, which is parsed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+_LUA = """\
+local f = assert(io.open({body_path}, "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+{accept}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK_RESULT %d %d %d %d %d %d %d %.1f %.1f %.1f\\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+@dataclass(frozen=True)
+class Load:
+    """One wrk run. Latency covers every response, error responses included (wrk cannot tell them apart)."""
+
+    responses: int
+    seconds: float
+    http_errors: int  # responses with status >= 400
+    socket_errors: int  # connect, read and write errors and timeouts
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+
+    @property
+    def errors(self) -> int:
+        return self.http_errors + self.socket_errors
+
+    @property
+    def rps(self) -> float:
+        """Successful responses per second."""
+        return (self.responses - self.http_errors) / self.seconds if self.seconds else 0.0
+
+
+def run_wrk(
+    url: str,
+    body: bytes,
+    *,
+    accept: str | None,
+    connections: int,
+    seconds: float,
+    cpu: int | None,
+    timeout_s: float,
+) -> Load:
+    """POST `body` to `url` over `connections` keep-alive connections for `seconds` (one wrk thread)."""
+    with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
+        body_path = Path(tmp) / "body"
+        body_path.write_bytes(body)
+        script = Path(tmp) / "post.lua"
+        accept_line = f'wrk.headers["Accept"] = "{accept}"' if accept else ""
+        script.write_text(_LUA.format(body_path=json.dumps(str(body_path)), accept=accept_line))
+        command = [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            f"--timeout={max(1, round(timeout_s))}s",
+            "-s",
+            str(script),
+            url,
+        ]
+        done = subprocess.run(pinned(command, cpu), capture_output=True, text=True, check=False)
+    match = re.search(r"^WRK_RESULT (.+)$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    responses, duration_us, connect, read, write, status, timeout = (int(v) for v in match[1].split()[:7])
+    p50, p99, mean = (float(v) for v in match[1].split()[7:])
+    return Load(
+        responses=responses,
+        seconds=duration_us / 1e6,
+        http_errors=status,
+        socket_errors=connect + read + write + timeout,
+        p50_ms=p50 / 1000,
+        p99_ms=p99 / 1000,
+        mean_ms=mean / 1000,
+    )
+
+
+def pinned(command: Sequence[str], cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu), *command] if cpu is not None else list(command)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None) -> bytes:
+    """One request with the standard library; raises on a status >= 400."""
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    with urllib.request.urlopen(request, timeout=60) as response:
+        data: bytes = response.read()
+        return data
+
+
+class Server:
+    """A server process in its own session (so stopping it also stops uvicorn's worker processes)."""
+
+    def __init__(
+        self, command: Sequence[str], env: Mapping[str, str], cpu: int | None, log_path: Path
+    ) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            pinned(command, cpu),
+            env=dict(env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, url: str, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                http("GET", url)
+                return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (uvicorn's workers when WORKERS > 1)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(_stat_fields(int(entry.name))[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 (state) on; the command name in field 2 may contain spaces."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process tree so far (fields 14 and 15 of /proc/PID/stat)."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            fields = _stat_fields(p)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / _CLOCK_TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of the process tree (field 24 of /proc/PID/stat, in pages)."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            total += int(_stat_fields(p)[21]) * _PAGE
+        except OSError:
+            continue
+    return total
+
+
+def wait_idle(pid: int, *, busy_below: float = 0.05, timeout_s: float = 120.0) -> None:
+    """Wait until the server tree uses under `busy_below` of a core (work left from the last run drained)."""
+    deadline = time.monotonic() + timeout_s
+    before = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        after = cpu_seconds(pid)
+        if after - before < busy_below * 0.25:
+            return
+        before = after
