@@ -41,10 +41,11 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY training/ /app/training/
 COPY service/ /app/service/
-# Data: mount Fashion-MNIST's IDX files at /data, or let the entrypoint download them there (verified).
-# Output: mount the host's models/ at /app/models; the default command adds a new version of the model.
+# Data: Fashion-MNIST's IDX files in /data (mounted; `python -m training download --dest /data` fetches
+# and verifies them). Output: mount the host's models/ at /app/models. Any `python -m training` command works:
+#   docker run --rm -v "$PWD/models:/app/models" -v "$PWD/data:/data" vae-serving:train train --help
 ENTRYPOINT ["python", "-m", "training"]
-CMD ["default-model", "--data-dir", "/data", "--download"]
+CMD ["train", "--help"]
 
 # ---------------------------------------------------------------- GPU serving
 FROM ${CUDA_IMAGE} AS serve-gpu
