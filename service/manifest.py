@@ -65,6 +65,13 @@ class ExportCheck(_Strict):
     tolerance: float
 
 
+class Goal(_Strict):
+    """The acceptance target the model was trained against, so a test can hold the shipped files to it."""
+
+    max_test_nll: float = Field(description="metrics.test_nll must be at most this (nats).")
+    max_train_seconds: float | None = Field(default=None, description="training.seconds must not exceed it.")
+
+
 class TrainingRecord(_Strict):
     command: str = Field(description="The exact command that trained the model.")
     config: dict[str, object] = Field(description="The full training configuration.")
@@ -88,6 +95,7 @@ class Manifest(_Strict):
     metrics: Metrics
     export_check: ExportCheck
     training: TrainingRecord
+    goal: Goal | None = Field(default=None, description="The target this model was trained to meet, if any.")
     libraries: dict[str, str] = Field(description="Versions of the libraries that produced the files.")
 
     @property

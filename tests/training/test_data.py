@@ -1,0 +1,169 @@
+"""IDX reading, splits, lookup order and the verified download (against a file server on loopback)."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.training.conftest import write_idx
+from training import data
+from training.data import SPLIT_FILES, DataError, download, find_data_dir, load_splits, read_idx
+
+
+def test_read_idx_round_trips(tmp_path: Path) -> None:
+    array = np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256
+    write_idx(tmp_path / "x.gz", array)
+    assert np.array_equal(read_idx(tmp_path / "x.gz"), array)
+
+
+def _corrupt(kind: str, path: Path) -> None:
+    array = np.zeros((3, 28, 28), dtype=np.uint8)
+    if kind == "truncated gzip":
+        write_idx(path, array)
+        path.write_bytes(path.read_bytes()[:-20])
+    elif kind == "not gzip":
+        path.write_bytes(b"this is not a gzip file at all")
+    elif kind == "bad magic":
+        with gzip.open(path, "wb") as f:
+            f.write(b"\x12\x34\x08\x03" + b"\x00" * 100)
+    elif kind == "short payload":
+        header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (3, 28, 28))
+        with gzip.open(path, "wb") as f:
+            f.write(header + b"\x00" * (3 * 28 * 28 - 5))
+    elif kind == "empty":
+        with gzip.open(path, "wb") as f:
+            f.write(b"")
+
+
+@pytest.mark.parametrize("kind", ["truncated gzip", "not gzip", "bad magic", "short payload", "empty"])
+def test_bad_files_are_rejected_with_the_file_named(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    _corrupt(kind, path)
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz"):
+        read_idx(path)
+
+
+def test_labels_that_do_not_match_the_images_are_rejected(tmp_path: Path, synthetic_dir: Path) -> None:
+    for name in (n for pair in SPLIT_FILES.values() for n in pair):
+        shutil.copy(synthetic_dir / name, tmp_path / name)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(7, dtype=np.uint8))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz"):
+        load_splits("fashion-mnist", str(tmp_path))
+
+
+def test_splits_are_float_in_unit_range_disjoint_and_fixed_by_seed(synthetic_dir: Path) -> None:
+    a = load_splits("fashion-mnist", str(synthetic_dir), val_size=100, seed=7)
+    b = load_splits("fashion-mnist", str(synthetic_dir), val_size=100, seed=7)
+    c = load_splits("fashion-mnist", str(synthetic_dir), val_size=100, seed=8)
+    assert a.train.shape == (500, 1, 28, 28) and a.val.shape == (100, 1, 28, 28) and len(a.test) == 200
+    assert a.train.dtype == torch.float32 and a.train.min() >= 0 and a.train.max() <= 1
+    assert torch.equal(a.val, b.val) and not torch.equal(a.val, c.val)
+    rows = {tuple(r.tolist()) for r in a.train.flatten(1)}
+    assert not any(tuple(r.tolist()) in rows for r in a.val.flatten(1))
+
+
+def test_lookup_order_is_flag_then_env_then_defaults(
+    tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(synthetic_dir))
+    assert find_data_dir("mnist") == synthetic_dir
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "nowhere")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="lacks"):
+        find_data_dir("mnist", tmp_path)  # an explicit directory must hold the files; no fallback
+    monkeypatch.delenv(data.DATA_DIR_ENV)
+    with pytest.raises(DataError, match="python -m training download"):
+        find_data_dir("mnist")
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTP server on 127.0.0.1 serving tmp_path/www; yields (base URL, served directory)."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", root
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def _serve_with_matching_table(
+    root: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, str]:
+    """Serve the synthetic files and make them the 'official' checksums for the duration of the test."""
+    table = {}
+    for name in (n for pair in SPLIT_FILES.values() for n in pair):
+        shutil.copy(synthetic_dir / name, root / name)
+        table[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()
+    monkeypatch.setitem(data.SHA256, "mnist", table)
+    return table
+
+
+def test_download_fetches_and_verifies(
+    tmp_path: Path, file_server: tuple[str, Path], synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, root = file_server
+    _serve_with_matching_table(root, synthetic_dir, monkeypatch)
+    dest = tmp_path / "dest"
+    paths = download("mnist", dest, mirrors=[base + "missing/", base])  # first mirror 404s, second works
+    assert sorted(p.name for p in paths) == sorted(data.SHA256["mnist"])
+    assert load_splits("mnist", str(dest), val_size=10).test.shape == (200, 1, 28, 28)
+    assert not list(dest.glob("*.part"))
+
+
+def test_download_refuses_a_checksum_mismatch(
+    tmp_path: Path, file_server: tuple[str, Path], synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, root = file_server
+    _serve_with_matching_table(root, synthetic_dir, monkeypatch)
+    tampered = root / "t10k-labels-idx1-ubyte.gz"
+    tampered.write_bytes(tampered.read_bytes() + b"\x00")
+    dest = tmp_path / "dest"
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz.*sha256"):
+        download("mnist", dest, mirrors=[base])
+    assert not (dest / "t10k-labels-idx1-ubyte.gz").exists()
+    assert not list(dest.glob("*.part"))
+
+
+def test_download_uses_the_mirror_env_and_the_real_checksums(
+    tmp_path: Path, file_server: tuple[str, Path], real_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The official Fashion-MNIST table accepts the real files (served locally: no network here)."""
+    base, root = file_server
+    for name in data.SHA256["fashion-mnist"]:
+        (root / name).symlink_to(real_dir / name)
+    monkeypatch.setenv(data.MIRROR_ENV, base)
+    paths = download("fashion-mnist", tmp_path / "dest")
+    assert [p.read_bytes() == (real_dir / p.name).read_bytes() for p in paths] == [True] * 4
+
+
+def test_cli_download_reports_a_mismatch_as_an_error(
+    tmp_path: Path, file_server: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.cli import main
+
+    base, root = file_server
+    for name in data.SHA256["mnist"]:
+        (root / name).write_bytes(b"not the real file")
+    assert main(["download", "--dataset", "mnist", "--dest", str(tmp_path / "d"), "--base-url", base]) == 2
+    assert "sha256" in capsys.readouterr().err

@@ -1,0 +1,169 @@
+"""The training loop: schedule, sharding, determinism, resume, learning on real data, and torchrun DDP."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import TrainConfig, add_config_arguments, config_from_args
+from training.train import BEST, LAST, load_checkpoint, schedule, shard_indices, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _parse(argv: list[str]) -> TrainConfig:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_every_config_field_is_a_flag_with_its_default() -> None:
+    assert _parse([]) == TrainConfig()
+    cfg = _parse(
+        ["--hidden", "128,64", "--latent-dim", "8", "--no-progress", "--arch", "conv", "--data-dir", "d"]
+    )
+    assert (cfg.hidden, cfg.latent_dim, cfg.progress, cfg.arch, cfg.data_dir) == (
+        (128, 64),
+        8,
+        False,
+        "conv",
+        "d",
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--kl-warmup", "1.5"], "kl_warmup"), (["--batch-start", "512"], "batch_start"), (["--lr", "0"], "lr")],
+    ids=["warmup", "batch-ramp", "lr"],
+)
+def test_invalid_values_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _parse(argv)
+
+
+def test_config_survives_a_round_trip_through_a_dict() -> None:
+    cfg = TrainConfig(hidden=(7, 5), channels=(3, 4))
+    as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
+    assert TrainConfig.from_dict(as_lists) == cfg
+
+
+def test_schedule_warms_up_decays_and_ramps() -> None:
+    cfg = TrainConfig(
+        lr=1e-3, lr_min=1e-5, lr_warmup=0.1, kl_warmup=0.2, beta=0.5, batch_start=64, batch_size=256
+    )
+    lr0, beta0, batch0 = schedule(cfg, 0.0)
+    assert (lr0, beta0, batch0) == (0.0, 0.0, 64)
+    assert schedule(cfg, 0.05)[0] == pytest.approx(5e-4)
+    assert schedule(cfg, 0.1)[0] == pytest.approx(1e-3)
+    assert schedule(cfg, 0.1)[1] == pytest.approx(0.25)
+    assert schedule(cfg, 0.55)[0] == pytest.approx((1e-3 + 1e-5) / 2)
+    assert schedule(cfg, 1.0)[:2] == (pytest.approx(1e-5), 0.5)
+    batches = [schedule(cfg, p / 100)[2] for p in range(101)]
+    assert batches == sorted(batches) and set(batches) == {64, 128, 256}
+
+
+def test_shards_are_disjoint_equal_and_change_per_epoch() -> None:
+    shards = [shard_indices(103, epoch=0, seed=1, rank=r, world=4) for r in range(4)]
+    assert {len(s) for s in shards} == {25}
+    joined = torch.cat(shards)
+    assert len(joined.unique()) == 100
+    assert not torch.equal(shard_indices(103, 1, 1, 0, 4), shards[0])
+
+
+def test_training_is_deterministic(tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    a = train(tiny_config(out=str(tmp_path / "a")))
+    b = train(tiny_config(out=str(tmp_path / "b")))
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert a.history[-1]["val_elbo"] == b.history[-1]["val_elbo"]
+
+
+def test_resume_continues_exactly(tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    straight = train(tiny_config(out=str(tmp_path / "straight"), epochs=3, batch_start=10))
+    interrupted = tmp_path / "interrupted"
+    _run_one_epoch_of_three(tiny_config, interrupted)
+    assert torch.load(interrupted / LAST, weights_only=False)["epoch"] == 1
+    resumed = train(tiny_config(out=str(interrupted), epochs=3, batch_start=10, resume=True))
+    for (name, pa), pb in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(pa, pb), name
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+
+
+def _run_one_epoch_of_three(tiny_config: Callable[..., TrainConfig], out: Path) -> Path:
+    """Train a 3-epoch run but stop it after its first epoch (as a crash would), via the progress hook."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(epoch: float, model: torch.nn.Module, seconds: float) -> None:
+        if epoch >= 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(tiny_config(out=str(out), epochs=3, batch_start=10), hook=stop_after_first_epoch)
+    return out
+
+
+def test_best_and_last_checkpoints_rebuild_the_model(tiny_config: Callable[..., TrainConfig]) -> None:
+    cfg = tiny_config(arch="conv", channels=(4, 8), epochs=1)
+    result = train(cfg, command="python -m training train --arch conv")
+    model, ckpt = load_checkpoint(result.out_dir / BEST)
+    assert (result.out_dir / LAST).is_file()
+    assert ckpt["command"] == "python -m training train --arch conv"
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(model.encode(x).mu, result.model.eval().encode(x).mu)
+
+
+def test_an_epoch_run_anneals_its_learning_rate_to_the_end(tiny_config: Callable[..., TrainConfig]) -> None:
+    cfg = tiny_config(epochs=4)  # 10 steps per epoch
+    lrs = [row["lr"] for row in train(cfg).history]
+    assert lrs == sorted(lrs, reverse=True)
+    assert lrs[-1] < 0.02 * cfg.lr
+
+
+def test_time_budget_stops_training(tiny_config: Callable[..., TrainConfig]) -> None:
+    result = train(tiny_config(epochs=1000, max_minutes=0.02))  # 1.2 s
+    assert len(result.history) < 1000
+    assert result.seconds <= 0.02 * 60  # the last validation pass included
+    assert result.history[-1]["lr"] == pytest.approx(TrainConfig().lr_min, rel=0.5)
+
+
+@pytest.mark.slow
+def test_loss_decreases_on_real_data(real_dir: Path, tiny_config: Callable[..., TrainConfig]) -> None:
+    cfg = tiny_config(
+        data_dir=str(real_dir), train_subset=3000, val_size=500, hidden=(128,), latent_dim=8, epochs=4
+    )
+    history = train(cfg).history
+    train_elbo = [row["train_elbo"] for row in history]
+    val_elbo = [row["val_elbo"] for row in history]
+    assert train_elbo == sorted(train_elbo), train_elbo
+    assert val_elbo[-1] > val_elbo[0] + 10, val_elbo
+
+
+@pytest.mark.slow
+def test_torchrun_data_parallel_shards_and_keeps_ranks_identical(synthetic_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        str(REPO / "tests" / "training" / "ddp_worker.py"), str(tmp_path), str(synthetic_dir),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    for epoch in range(2):
+        a, b = (set(r["indices"][epoch].tolist()) for r in ranks)
+        assert a and b and not a & b
+        assert len(a | b) == 500  # all 500 training images (600 minus 100 validation) in each epoch
+    for (name, pa), pb in zip(ranks[0]["state"].items(), ranks[1]["state"].values(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert (tmp_path / BEST).is_file() and not (tmp_path / "rank1" / BEST).exists()

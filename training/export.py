@@ -1,0 +1,325 @@
+"""Export a checkpoint as the ONNX pair the service loads, checked against PyTorch, with its manifest.
+
+    python -m training export runs/default/best.pt --out models/fashion-mnist-mlp/1
+
+Writes into the model directory:
+    encoder.onnx       x [batch, 1, 28, 28] -> mu, logvar [batch, latent_dim]   (logvar clamped as in training)
+    decoder.onnx       z [batch, latent_dim] -> x_mean [batch, 1, 28, 28], pixel means in [0, 1]
+    model.json         `service.manifest.Manifest`: metrics, checksums, config, command, library versions
+    samples.png        decoder means for z drawn from the prior
+    reconstructions.png  test images (odd rows) over their reconstructions decode(mu) (even rows)
+    curves.png         train and validation ELBO per epoch
+
+Both graphs are exported with a dynamic batch axis (dynamo exporter, opset 18, weights inside the file) and
+run in onnxruntime on real test images and random latents at batch sizes other than the traced one; export
+fails if any output differs from PyTorch by more than `TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import platform
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from service.manifest import (
+    DECODER_FILE,
+    DECODER_INPUT,
+    DECODER_OUTPUT,
+    ENCODER_FILE,
+    ENCODER_INPUT,
+    ENCODER_OUTPUTS,
+    ExportCheck,
+    FileEntry,
+    Goal,
+    Manifest,
+    Metrics,
+    ModelFiles,
+    TrainingRecord,
+    sha256_file,
+    write_manifest,
+)
+from training.config import TrainConfig
+from training.data import find_data_dir, load_split
+from training.evaluate import EvalResult, evaluate
+from training.model import VAE
+from training.train import load_checkpoint
+
+TOLERANCE = 1e-4
+OPSET = 18
+
+
+class ExportError(RuntimeError):
+    """The exported graphs disagree with PyTorch, or the export itself failed."""
+
+
+class EncoderGraph(nn.Module):
+    """x -> (mu, logvar): the encoder as served."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.vae.encode(x)
+        return q.mu, q.logvar
+
+
+class DecoderGraph(nn.Module):
+    """z -> pixel means in [0, 1]: the decoder as served."""
+
+    def __init__(self, vae: VAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode_mean(z)
+
+
+def _export_graph(
+    module: nn.Module, example: torch.Tensor, input_name: str, output_names: list[str], path: Path
+) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    onnx_logger = logging.getLogger("torch.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # torch 2.13's exporter trips its own pytree deprecation and logs a line per torchvision op it
+            # cannot register (torchvision is not used here); neither is anything a caller can act on
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
+            torch.onnx.export(
+                module,
+                (example,),
+                path,
+                input_names=[input_name],
+                output_names=output_names,
+                dynamic_shapes={input_name: {0: batch}},
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,  # one self-contained file per graph, as the manifest's checksums assume
+                verbose=False,
+            )
+    finally:
+        onnx_logger.setLevel(level)
+
+
+def export_onnx(model: VAE, out_dir: Path) -> tuple[Path, Path]:
+    """Write encoder.onnx and decoder.onnx into out_dir (traced at batch 3; the batch axis stays dynamic)."""
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoder_path, decoder_path = out_dir / ENCODER_FILE, out_dir / DECODER_FILE
+    with torch.no_grad():
+        _export_graph(
+            EncoderGraph(model).eval(),
+            torch.rand(3, *model.input_shape),
+            ENCODER_INPUT,
+            list(ENCODER_OUTPUTS),
+            encoder_path,
+        )
+        _export_graph(
+            DecoderGraph(model).eval(),
+            torch.randn(3, model.latent_dim),
+            DECODER_INPUT,
+            [DECODER_OUTPUT],
+            decoder_path,
+        )
+    return encoder_path, decoder_path
+
+
+def check_parity(model: VAE, out_dir: Path, images: torch.Tensor, seed: int = 0) -> ExportCheck:
+    """Max |onnxruntime - torch| over real images and random latents, at two batch sizes each."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    encoder = ort.InferenceSession(str(out_dir / ENCODER_FILE), options, providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(out_dir / DECODER_FILE), options, providers=["CPUExecutionProvider"])
+    z_all = torch.randn(len(images), model.latent_dim, generator=torch.Generator().manual_seed(seed))
+    enc_diff = dec_diff = 0.0
+    with torch.inference_mode():
+        for n in (1, len(images)):
+            x, z = images[:n], z_all[:n]
+            q = model.encode(x)
+            mu, logvar = encoder.run(list(ENCODER_OUTPUTS), {ENCODER_INPUT: x.numpy()})
+            enc_diff = max(
+                enc_diff,
+                float(np.abs(mu - q.mu.numpy()).max()),
+                float(np.abs(logvar - q.logvar.numpy()).max()),
+            )
+            (x_mean,) = decoder.run([DECODER_OUTPUT], {DECODER_INPUT: z.numpy()})
+            dec_diff = max(dec_diff, float(np.abs(x_mean - model.decode_mean(z).numpy()).max()))
+            if x_mean.min() < 0.0 or x_mean.max() > 1.0:
+                raise ExportError(
+                    f"decoder.onnx produced values outside [0, 1]: {x_mean.min()}..{x_mean.max()}"
+                )
+    check = ExportCheck(encoder_max_abs_diff=enc_diff, decoder_max_abs_diff=dec_diff, tolerance=TOLERANCE)
+    print(f"onnxruntime vs torch: encoder max |diff| {enc_diff:.2e}, decoder max |diff| {dec_diff:.2e}")
+    if max(enc_diff, dec_diff) > TOLERANCE:
+        raise ExportError(f"ONNX graphs differ from PyTorch by more than {TOLERANCE}: {check}")
+    return check
+
+
+def _grid(images: np.ndarray, cols: int) -> Image.Image:
+    """[N, 1, H, W] in [0, 1] -> one greyscale image, `cols` tiles per row with a 2-pixel gutter."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / cols)
+    canvas = np.ones((rows * (h + 2) + 2, cols * (w + 2) + 2), dtype=np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = img[0]
+    pixels = (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(pixels).resize(
+        (canvas.shape[1] * 3, canvas.shape[0] * 3), Image.Resampling.NEAREST
+    )
+
+
+def save_figures(
+    model: VAE, test_images: torch.Tensor, history: list[dict[str, float]], out_dir: Path
+) -> None:
+    """samples.png, reconstructions.png and curves.png (matplotlib's Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 16
+    with torch.inference_mode():
+        z = torch.randn(8 * cols, model.latent_dim, generator=torch.Generator().manual_seed(0))
+        _grid(model.decode_mean(z).numpy(), cols).save(out_dir / "samples.png")
+        x = test_images[: 4 * cols]
+        recon = model.decode_mean(model.encode(x).mu)
+        pairs = torch.cat(
+            [torch.stack([x[i : i + cols], recon[i : i + cols]]) for i in range(0, len(x), cols)]
+        )
+        _grid(pairs.flatten(0, 1).numpy(), cols).save(out_dir / "reconstructions.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    epochs = [row["epoch"] for row in history]
+    ax.plot(epochs, [row["train_elbo"] for row in history], label="train ELBO")
+    ax.plot(epochs, [row["val_elbo"] for row in history], label="validation ELBO")
+    finite = [v for row in history for v in (row["train_elbo"], row["val_elbo"]) if math.isfinite(v)]
+    if finite:  # the first epochs dwarf the rest; show the part where the models differ
+        top = max(finite)
+        ax.set_ylim(top - 3 * (top - sorted(finite)[len(finite) // 2]) - 5, top + 2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ELBO (nats per image)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png")
+    plt.close(fig)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "numpy", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def describe_architecture(cfg: TrainConfig) -> str:
+    if cfg.arch == "mlp":
+        sizes = "-".join(str(n) for n in (784, *cfg.hidden, cfg.latent_dim))
+        return f"mlp {sizes} {cfg.activation}"
+    c1, c2 = cfg.channels
+    return f"conv {c1}-{c2} hidden {cfg.hidden[0]} latent {cfg.latent_dim} {cfg.activation}"
+
+
+def build_manifest(
+    cfg: TrainConfig,
+    ckpt: dict[str, Any],
+    result: EvalResult,
+    check: ExportCheck,
+    out_dir: Path,
+    name: str,
+    version: str,
+) -> Manifest:
+    goal = None
+    if cfg.goal_nll:
+        goal = Goal(max_test_nll=cfg.goal_nll, max_train_seconds=cfg.max_minutes * 60 or None)
+    return Manifest(
+        name=name,
+        version=version,
+        created=datetime.now(UTC),
+        input_shape=VAE.input_shape,
+        latent_dim=cfg.latent_dim,
+        likelihood=cfg.likelihood,
+        architecture=describe_architecture(cfg),
+        dataset=cfg.dataset,
+        files=ModelFiles(
+            encoder=FileEntry(path=ENCODER_FILE, sha256=sha256_file(out_dir / ENCODER_FILE)),
+            decoder=FileEntry(path=DECODER_FILE, sha256=sha256_file(out_dir / DECODER_FILE)),
+        ),
+        metrics=Metrics(
+            test_elbo=result.elbo,
+            test_nll=result.nll,
+            iwae_k=result.iwae_k,
+            bits_per_dim=result.bits_per_dim,
+            active_units=result.active_units,
+            recon_error=result.recon_error,
+            test_images=result.images,
+        ),
+        export_check=check,
+        training=TrainingRecord(
+            command=ckpt.get("command", ""),
+            config=cfg.to_dict(),
+            epochs=ckpt["epoch"],
+            seconds=round(ckpt["elapsed"], 1),
+            device=ckpt.get("device", "cpu"),
+        ),
+        goal=goal,
+        libraries=library_versions(),
+    )
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out_dir: Path,
+    *,
+    iwae_k: int | None = None,
+    data_dir: str | None = None,
+    test_images: int = 0,
+    name: str | None = None,
+    version: str | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Evaluate, export, check and describe one checkpoint; returns the manifest it wrote.
+
+    The name and version default to the directory layout `.../NAME/VERSION`; `test_images` > 0 evaluates
+    on the first N test images only (for smoke tests; the manifest records how many were used).
+    """
+    model, ckpt = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    x_test, _ = load_split(find_data_dir(cfg.dataset, data_dir or cfg.data_dir), "test")
+    if test_images:
+        x_test = x_test[:test_images]
+    k = iwae_k or cfg.iwae_k
+    result = evaluate(model, x_test, k, progress=progress)
+    print(
+        f"test: elbo {result.elbo:.2f}, nll {result.nll:.2f} (IWAE k={k}, {result.images} images), "
+        f"{result.bits_per_dim:.4f} bits/dim, {result.active_units} active units, mse {result.recon_error:.4f}"
+    )
+    export_onnx(model, out_dir)
+    check = check_parity(model, out_dir, x_test[:256])
+    save_figures(model, x_test, ckpt["history"], out_dir)
+    manifest = build_manifest(
+        cfg, ckpt, result, check, out_dir, name or out_dir.resolve().parent.name, version or out_dir.name
+    )
+    write_manifest(out_dir, manifest)
+    if manifest.goal and manifest.metrics.test_nll > manifest.goal.max_test_nll:
+        print(f"warning: test NLL {result.nll:.2f} misses the goal of {manifest.goal.max_test_nll}")
+    print(f"exported to {out_dir}")
+    return manifest
