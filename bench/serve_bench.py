@@ -12,14 +12,15 @@ Run from the repository root. It measures, on one server core and one onnxruntim
 - naive     `bench/peer_naive.py`: FastAPI returning a dict, one `session.run` per request;
 - no-op     `bench/peer_noop.py`: a FastAPI endpoint that does nothing (the HTTP floor).
 
-Each server runs alone, pinned with `taskset` to --server-cpu, with uvicorn's access log off; wrk (one
-thread) is pinned to --client-cpu and sweeps the connection counts for each request: `sample` n=1,
-`sample` n=256 as JSON and as .npy (`Accept: application/x-npy`), and `encode` of 64 Fashion-MNIST test
-images as JSON. Per point it reports requests/s, samples/s, p50, p99, errors (socket errors, timeouts and
-HTTP statuses >= 400), the server's CPU use (/proc/PID/stat, all its processes) and, for the service, the
-mean number of requests merged per onnxruntime run (the change in `/metrics`' batch histograms over the
-point). RSS is read after warm-up and after the sweep. The markdown table is printed and written to --out,
-followed by the goals of issue 5 as PASS/FAIL lines.
+Each server runs alone, pinned with `taskset` to --server-cpu, with uvicorn's access log off and glibc's
+MALLOC_MMAP_THRESHOLD_ as --mmap-threshold says; wrk (one thread) is pinned to --client-cpu and sweeps the
+connection counts for each request: `sample` n=1, `sample` n=256 as JSON and as .npy (`Accept:
+application/x-npy`), and `encode` of 64 Fashion-MNIST test images as JSON. Per point it reports
+requests/s, samples/s, p50, p99, errors (socket errors, timeouts and HTTP statuses >= 400), the server's
+CPU use (/proc/PID/stat, all its processes) and, for the service, the mean number of requests merged per
+onnxruntime run (the change in `/metrics`' batch histograms over the point). RSS is read after warm-up
+and after the sweep. The markdown table is printed and written to --out, followed by the goals of issue 5
+as PASS/FAIL lines.
 
 The model is the newest version of the first (or --model) name under --model-dir (default `models`);
 if there is none, a stand-in with the same shapes (`bench/serve_standin.py`) is written to a temp dir.
@@ -50,6 +51,11 @@ from bench.serve_load import Load, Server, cpu_seconds, free_port, http, rss_byt
 from bench.serve_standin import write_standin
 from service.manifest import DECODER_INPUT, ENCODER_INPUT, MANIFEST_NAME, Manifest, read_manifest
 
+MMAP_THRESHOLD = 0
+"""MALLOC_MMAP_THRESHOLD_ for the servers; 0 leaves glibc's adaptive threshold. Any fixed value also fixes the
+trim threshold at 128 KiB, and then every 256-image response pays fresh page faults: in-process, sample n=256
+cost 12.1 ms of CPU as JSON and 5.7 ms as .npy with 262144 (or 1048576), against 9.9 and 4.8 ms adaptive.
+Pass --mmap-threshold 262144 to trade that CPU for flatter RSS."""
 FASHION_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 NPY = "application/x-npy"
 
@@ -260,6 +266,8 @@ def launch(
         "INTRA_OP_THREADS": str(args.intra_op_threads),
         "INTER_OP_THREADS": str(args.inter_op_threads),
     }
+    if args.mmap_threshold:  # glibc reads it at process start only, hence the environment
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     if spec.key.startswith("service"):
         env |= {
             "MODEL_DIR": str(model_root),
@@ -498,6 +506,7 @@ def render(
         f"Model: {model_note}. Servers pinned to CPU {args.server_cpu}, "
         f"wrk (1 thread) to CPU {args.client_cpu}; WORKERS={args.workers}, "
         f"INTRA_OP_THREADS={args.intra_op_threads}, INTER_OP_THREADS={args.inter_op_threads}, "
+        f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold or 'unset'}, "
         f"BATCH_WINDOW_MS={'service default' if args.window_ms is None else args.window_ms} (on) / 0 (off); "
         f"{args.duration:g} s per point, after {args.warmup:g} s of warm-up per request at "
         f"{max(args.concurrency)} connections.",
@@ -633,6 +642,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--window-ms", type=float, help="BATCH_WINDOW_MS with batching on (default: the service's)"
+    )
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=MMAP_THRESHOLD,
+        metavar="BYTES",
+        help="MALLOC_MMAP_THRESHOLD_ for every server (default: %(default)s; 0: glibc's own adaptive one)",
     )
     parser.add_argument(
         "--env",

@@ -58,6 +58,7 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, str, int], tuple[Any, Any | None, Any]] = {}
+        self._sample_children: dict[tuple[str, str], Any] = {}
         graph = ["model", "version", "graph"]
         self.batch_rows = Histogram(
             "vae_batch_rows", "Rows per onnxruntime run.", graph, buckets=ROW_BUCKETS, registry=self.registry
@@ -96,6 +97,13 @@ class Metrics:
         if errors is not None:
             errors.inc()
         latency.observe(seconds)
+
+    def count_samples(self, endpoint: str, model: str, rows: int) -> None:
+        """Add `rows` eps rows to vae_samples_generated (children cached, as in `observe_request`)."""
+        child = self._sample_children.get((endpoint, model))
+        if child is None:
+            child = self._sample_children[endpoint, model] = self.samples.labels(endpoint, model)
+        child.inc(rows)
 
     def batch_observer(self, model: str, version: str, graph: str) -> Callable[[int, int, float], None]:
         """The batcher's `on_run(requests_merged, rows, seconds)` hook for one graph."""

@@ -253,3 +253,14 @@ async def test_openapi_documents_every_operation(client: httpx.AsyncClient) -> N
         == 16
     )
     assert (await client.get("/docs")).status_code == 200
+
+
+async def test_operation_routes_document_their_path_parameters(client: httpx.AsyncClient) -> None:
+    """The operation routes bypass FastAPI's dependency solving; their path parameters stay documented."""
+    spec = (await client.get("/openapi.json")).json()
+    for path, expected in (
+        ("/v1/models/{model}/decode", {"model"}),
+        ("/v1/models/{model}/versions/{version}/decode", {"model", "version"}),
+    ):
+        parameters = spec["paths"][path]["post"]["parameters"]
+        assert {p["name"] for p in parameters if p["in"] == "path"} == expected, path
