@@ -67,22 +67,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def quickstart_url() -> Iterator[str]:
+def quickstart_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`./run serve` exactly as the README says, on a free loopback port, until the test is done."""
     _serve_python()
+    log_path = tmp_path_factory.mktemp("quickstart") / "serve.log"
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL_DIR", "DEVICE", "WORKERS")}
     env.update(PORT=str(port), HOST="127.0.0.1")
-    proc = subprocess.Popen(
-        ["./run", "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    log = log_path.open("wb")
+    proc = subprocess.Popen(["./run", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert proc.poll() is None, (
-                f"./run serve exited early:\n{proc.stdout.read().decode() if proc.stdout else ''}"
-            )
+            assert proc.poll() is None, f"./run serve exited early:\n{log_path.read_text()}"
             try:
                 if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                     break
@@ -90,7 +88,7 @@ def quickstart_url() -> Iterator[str]:
                 pass
             time.sleep(0.3)
         else:
-            pytest.fail("./run serve did not become ready within 120 s")
+            pytest.fail(f"./run serve did not become ready within 120 s:\n{log_path.read_text()}")
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -99,6 +97,8 @@ def quickstart_url() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+        finally:
+            log.close()
     assert code == 0, f"./run serve exited with {code} on SIGTERM"
 
 
