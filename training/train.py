@@ -106,7 +106,7 @@ def schedule(cfg: TrainConfig, progress: float) -> tuple[float, float, int]:
 class TrainResult:
     model: VAE
     history: list[dict[str, float]] = field(default_factory=list)
-    best_val_elbo: float = -math.inf
+    best_val_median_elbo: float = -math.inf
     seconds: float = 0.0
     out_dir: Path = Path()
 
@@ -169,7 +169,7 @@ def train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, seen, elapsed = ckpt["epoch"], ckpt["seen"], ckpt["elapsed"]
-        history, best_val = ckpt["history"], ckpt["best_val_elbo"]
+        history, best_val = ckpt["history"], ckpt["best_val_median_elbo"]
         command = ckpt.get("command", command)
     net: torch.nn.Module = model
     if dev_info.world > 1:
@@ -189,7 +189,7 @@ def train(
             "seen": seen,
             "elapsed": elapsed,
             "history": history,
-            "best_val_elbo": best_val,
+            "best_val_median_elbo": best_val,
             "device": str(device),
             "world_size": dev_info.world,
         }
@@ -274,7 +274,11 @@ def train(
 
         # -- validate and checkpoint ---------------------------------------------------------------------
         val_clock = time.perf_counter()
-        val = elbo_stats(model, x_val, seed=cfg.seed) if len(x_val) else {"elbo": math.nan}
+        val = (
+            elbo_stats(model, x_val, seed=cfg.seed)
+            if len(x_val)
+            else {"elbo": math.nan, "median_elbo": math.nan}
+        )
         val_seconds = time.perf_counter() - val_clock
         elapsed = start_elapsed + time.perf_counter() - clock
         n = sums[3].item()
@@ -285,6 +289,7 @@ def train(
             "train_recon": sums[1].item() / n,
             "train_kl": sums[2].item() / n,
             "val_elbo": val["elbo"],
+            "val_median_elbo": val["median_elbo"],
             "lr": lr,
             "beta": beta,
             "epoch_seconds": time.perf_counter() - clock,
@@ -292,7 +297,9 @@ def train(
             "examples": n,
         }
         history.append(row)
-        score = row["val_elbo"] if len(x_val) else row["train_elbo"]  # no validation set: best = latest
+        # best = the highest median validation ELBO (robust to a single odd image; see elbo_stats);
+        # with no validation set, the latest epoch
+        score = row["val_median_elbo"] if len(x_val) else row["train_elbo"]
         improved = score > best_val or not len(x_val)
         best_val = max(best_val, score)
         if dev_info.main:
@@ -302,7 +309,8 @@ def train(
                 _save(out_dir / BEST, payload)
             tqdm.write(
                 f"epoch {epoch:4d} | train elbo {row['train_elbo']:8.2f} (recon {row['train_recon']:7.2f}"
-                f" kl {row['train_kl']:6.2f}) | val elbo {row['val_elbo']:8.2f}{' *' if improved else '  '}"
+                f" kl {row['train_kl']:6.2f}) | val elbo {row['val_elbo']:8.2f} median {row['val_median_elbo']:8.2f}"
+                f"{' *' if improved else '  '}"
                 f" | lr {lr:.2e} beta {beta:.2f} | {row['epoch_seconds']:5.1f} s, {elapsed:6.1f} s total"
             )
             if hook is not None:
@@ -311,4 +319,6 @@ def train(
     if dev_info.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(model=model, history=history, best_val_elbo=best_val, seconds=elapsed, out_dir=out_dir)
+    return TrainResult(
+        model=model, history=history, best_val_median_elbo=best_val, seconds=elapsed, out_dir=out_dir
+    )

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from training.config import TrainConfig
+from training.evaluate import elbo_stats
 from training.model import LOGVAR_MAX, LOGVAR_MIN, VAE, DiagonalGaussian, clamp_logvar, reparameterize
 from training.objectives import (
     bernoulli_nll,
@@ -127,6 +128,28 @@ def test_logvar_clamp_passes_the_gradient_through() -> None:
     assert clamped.tolist() == [LOGVAR_MIN, 0.0, LOGVAR_MAX]
     clamped.sum().backward()
     assert raw.grad is not None and raw.grad.tolist() == [1.0, 1.0, 1.0]  # a clamped unit can still recover
+
+
+def test_the_logvar_ceiling_keeps_sigma_within_e_of_the_prior() -> None:
+    # an encoder extrapolating on an odd image must not hand the decoder (or a client) a huge sigma
+    assert LOGVAR_MAX == 2.0
+    model = _small_vae()
+    with torch.no_grad():
+        model.to_stats.bias[4:] = 11.0  # what one validation image reached with a ceiling of 20
+    q = model.encode(torch.rand(2, 1, 28, 28, dtype=torch.float64))
+    assert q.std.max().item() == pytest.approx(math.e)
+
+
+def test_elbo_stats_reports_the_mean_and_the_median_of_per_image_elbos() -> None:
+    model = _small_vae().eval()
+    x = torch.rand(7, 1, 28, 28, dtype=torch.float64)
+    x[3] = 1.0  # an odd image far worse than the rest: it moves the mean, not the median
+    stats = elbo_stats(model, x, seed=5)
+    terms = negative_elbo(model, x, generator=torch.Generator().manual_seed(5))
+    per_image = -(terms.recon + terms.kl).double()
+    assert stats["elbo"] == pytest.approx(per_image.mean().item(), rel=1e-5)
+    assert stats["median_elbo"] == pytest.approx(per_image.median().item(), rel=1e-5)
+    assert stats["median_elbo"] > stats["elbo"]
 
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])

@@ -123,6 +123,16 @@ def test_best_and_last_checkpoints_rebuild_the_model(tiny_config: Callable[..., 
     assert torch.equal(model.encode(x).mu, result.model.eval().encode(x).mu)
 
 
+def test_best_checkpoint_is_the_epoch_with_the_highest_median_validation_elbo(
+    tiny_config: Callable[..., TrainConfig],
+) -> None:
+    result = train(tiny_config(epochs=4))
+    medians = [row["val_median_elbo"] for row in result.history]
+    _, ckpt = load_checkpoint(result.out_dir / BEST)
+    assert ckpt["epoch"] == 1 + max(range(len(medians)), key=medians.__getitem__)
+    assert ckpt["best_val_median_elbo"] == max(medians)
+
+
 def test_an_epoch_run_anneals_its_learning_rate_to_the_end(tiny_config: Callable[..., TrainConfig]) -> None:
     cfg = tiny_config(epochs=4)  # 10 steps per epoch
     lrs = [row["lr"] for row in train(cfg).history]
