@@ -80,7 +80,7 @@ class TrainConfig:
     lr_warmup: float = field(
         default=0.01, metadata={"help": "Fraction of training with a linear lr ramp-up."}
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     grad_clip: float = field(
         default=200.0,
         metadata={"help": "Clip the gradient norm (typical: ~50) to this; stops rare KL spikes (0 = off)."},
