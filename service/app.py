@@ -3,6 +3,9 @@
 Nothing heavy happens at import or in the factory; the lifespan loads and warms up every model, starts one
 batcher per graph, and only then does uvicorn accept connections (so readiness follows warm-up). On
 shutdown (SIGTERM included) the lifespan stops the batchers.
+
+A request enters `ServiceApp.__call__`: model operations take the fast path (`service.dispatch`), every
+other request FastAPI's usual one.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
+from service.dispatch import OperationDispatch
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetrics
 from service.middleware import BodySizeLimit
 from service.registry import Registry
-from service.routes import add_routes
+from service.routes import OperationRoute, add_routes
 from service.settings import Settings
 
 DESCRIPTION = """
@@ -33,7 +38,19 @@ decoder.onnx}`) with onnxruntime.
 """
 
 
-def create_app(settings: Settings) -> FastAPI:
+class ServiceApp(FastAPI):
+    """FastAPI, with the model operations dispatched ahead of its application stack (`service.dispatch`)."""
+
+    dispatch: OperationDispatch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.dispatch.match(scope):
+            await self.dispatch(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings) -> ServiceApp:
     metrics = Metrics()
     registry = Registry(settings=settings, metrics=metrics)
 
@@ -45,15 +62,21 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await registry.stop()
 
-    app = FastAPI(title="VAE serving", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    app = ServiceApp(title="VAE serving", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
     # add_middleware wraps what is already there: RequestMetrics ends up outermost, so it sees 413s too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics, known_models=registry.names)
     add_routes(app.router, settings, registry, metrics)
+    app.dispatch = OperationDispatch(
+        [route for route in app.router.routes if isinstance(route, OperationRoute)],
+        metrics=metrics,
+        known_models=registry.names,
+        max_body_bytes=settings.max_body_bytes,
+    )
     return app
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> ServiceApp:
     """uvicorn factory (`service.app:app_from_env`, factory=True): each worker reads the environment."""
     return create_app(Settings())

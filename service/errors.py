@@ -95,49 +95,44 @@ def dotted(loc: tuple[int | str, ...] | list[int | str]) -> str:
     return ".".join(str(p) for p in parts) or "body"
 
 
-async def _service_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ServiceError)
-    return error_response(exc.status, exc.message, exc.field, exc.headers)
-
-
-async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
-    first: dict[str, Any] = exc.errors()[0]
-    return error_response(422, str(first.get("msg", "invalid value")), dotted(first.get("loc", ())))
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404 (no such route) and 405 (wrong method), in our shape."""
-    assert isinstance(exc, StarletteHTTPException)
-    return error_response(exc.status_code, str(exc.detail), None, dict(exc.headers or {}))
-
-
-async def _overloaded(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, BatcherOverloaded)
-    retry_after = max(1, math.ceil(exc.retry_after_s))
-    message = f"the model queue is full ({exc}); retry after {retry_after} s"
-    return error_response(503, message, None, {"Retry-After": str(retry_after)})
-
-
-async def _closed(request: Request, exc: Exception) -> Response:
-    return error_response(503, "the service is shutting down", None, {"Retry-After": "1"})
-
-
-async def _batch_failed(request: Request, exc: Exception) -> Response:
-    log.error("model run failed on %s: %s", request.url.path, exc, exc_info=exc.__cause__ or exc)
-    return error_response(500, "the model run failed; the server log has the details")
-
-
-async def _unexpected(request: Request, exc: Exception) -> Response:
-    """A bug, not a client mistake: Starlette re-raises after this response, so uvicorn logs the traceback."""
+def render(exc: Exception, path: str) -> Response:
+    """The response for any exception raised while serving `path`: one place for both entry points (FastAPI's
+    exception handlers and the operations' fast path, `service.dispatch`)."""
+    if isinstance(exc, ServiceError):
+        return error_response(exc.status, exc.message, exc.field, exc.headers)
+    if isinstance(exc, RequestValidationError):
+        first: dict[str, Any] = exc.errors()[0]
+        return error_response(422, str(first.get("msg", "invalid value")), dotted(first.get("loc", ())))
+    if isinstance(exc, StarletteHTTPException):  # Starlette's own 404 (no such route) and 405 (wrong method)
+        return error_response(exc.status_code, str(exc.detail), None, dict(exc.headers or {}))
+    if isinstance(exc, BatcherOverloaded):
+        retry_after = max(1, math.ceil(exc.retry_after_s))
+        message = f"the model queue is full ({exc}); retry after {retry_after} s"
+        return error_response(503, message, None, {"Retry-After": str(retry_after)})
+    if isinstance(exc, BatcherClosed):
+        return error_response(503, "the service is shutting down", None, {"Retry-After": "1"})
+    if isinstance(exc, BatchFailed):
+        log.error("model run failed on %s: %s", path, exc, exc_info=exc.__cause__ or exc)
+        return error_response(500, "the model run failed; the server log has the details")
+    # A bug, not a client mistake: the caller re-raises after sending this, so uvicorn logs the traceback.
     return error_response(500, "internal error; the server log has the details")
 
 
+EXPECTED = (
+    ServiceError,
+    RequestValidationError,
+    StarletteHTTPException,
+    BatcherOverloaded,
+    BatcherClosed,
+    BatchFailed,
+)
+"""The exceptions `render` answers in full; anything else is a bug and is re-raised after its 500."""
+
+
+async def _handle(request: Request, exc: Exception) -> Response:
+    return render(exc, request.url.path)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(BatcherOverloaded, _overloaded)
-    app.add_exception_handler(BatcherClosed, _closed)
-    app.add_exception_handler(BatchFailed, _batch_failed)
-    app.add_exception_handler(Exception, _unexpected)
+    for kind in (*EXPECTED, Exception):
+        app.add_exception_handler(kind, _handle)

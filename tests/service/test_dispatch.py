@@ -1,0 +1,106 @@
+"""The operations' fast path: which requests it claims, and that errors and metrics look the same through it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service import operations
+from service.app import create_app
+from tests.service.conftest import LATENT, make_settings
+
+pytestmark = pytest.mark.anyio
+
+
+def http_scope(method: str, path: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "root_path": "",
+        "query_string": b"",
+        "headers": [],
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "name", "params"),
+    [
+        ("POST", "/v1/models/tiny/sample", "sample", {"model": "tiny"}),
+        ("POST", "/v1/models/tiny/encode", "encode", {"model": "tiny"}),
+        ("POST", "/v1/models/tiny/versions/2/decode", "decode", {"model": "tiny", "version": "2"}),
+        (
+            "POST",
+            "/v1/models/other-name/versions/x/reconstruct",
+            "reconstruct",
+            {"model": "other-name", "version": "x"},
+        ),
+        ("GET", "/v1/models/tiny/sample", None, None),
+        ("POST", "/v1/models/tiny", None, None),
+        ("POST", "/v1/models/tiny/nope", None, None),
+        ("POST", "/v1/models/tiny/versions/2/nope", None, None),
+        ("POST", "/v1/models/a/b/sample", None, None),
+        ("POST", "/healthz", None, None),
+    ],
+    ids=lambda value: str(value),
+)
+def test_dispatch_claims_posts_to_operation_routes_only(
+    model_dir: Path, method: str, path: str, name: str | None, params: dict[str, str] | None
+) -> None:
+    app = create_app(make_settings(model_dir))
+    scope = http_scope(method, path)
+    assert app.dispatch.match(scope) is (name is not None)
+    if name is not None:
+        assert scope["route"].name == name
+        assert scope["path_params"] == params
+
+
+@pytest.mark.parametrize("kind", ["lifespan", "websocket"])
+def test_dispatch_leaves_other_scope_types_to_fastapi(model_dir: Path, kind: str) -> None:
+    app = create_app(make_settings(model_dir))
+    assert not app.dispatch.match({"type": kind, "path": "/v1/models/tiny/sample"})
+
+
+async def test_operations_never_enter_fastapis_application_stack(model_dir: Path) -> None:
+    """Starlette builds its middleware stack on the first request it serves; operations must not need it."""
+    app = create_app(make_settings(model_dir))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        ok = await client.post("/v1/models/tiny/sample", json={"n": 2, "seed": 1})
+        bad = await client.post("/v1/models/tiny/decode", json={"z": [[0.0]]})
+        assert (ok.status_code, bad.status_code) == (200, 422)
+        assert app.middleware_stack is None
+        assert (await client.get("/healthz")).status_code == 200
+        assert app.middleware_stack is not None
+
+
+async def test_a_bug_in_an_operation_is_a_500_in_the_error_shape_and_is_counted(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(operations, "sample", broken)
+    app = create_app(make_settings(model_dir))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+    ):
+        response = await client.post("/v1/models/tiny/sample", json={"n": 1})
+        assert response.status_code == 500
+        assert response.json() == {
+            "error": {
+                "status": 500,
+                "field": None,
+                "message": "internal error; the server log has the details",
+            }
+        }
+        assert (await client.post("/v1/models/tiny/decode", json={"z": [[0.0] * LATENT]})).status_code == 200
+        metrics = (await client.get("/metrics")).text
+    assert 'vae_requests_total{endpoint="sample",model="tiny",status="500"} 1.0' in metrics
