@@ -97,9 +97,12 @@ def json_response(payload: dict[str, Any]) -> Response:
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+    """The same bytes as `np.save(array)`, with one copy of the data instead of np.save's three (tobytes,
+    BytesIO.write, getvalue): for 256 images that is 800 KB copied once."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    return b"".join((header.getvalue(), array.data))
 
 
 def _seed_headers(seed: int | None) -> dict[str, str]:

@@ -32,6 +32,27 @@ def png_b64(pixels: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _np_save(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.random.default_rng(0).random((256, 1, 28, 28), dtype=np.float32),
+        np.arange(3 * 784, dtype=np.uint8).reshape(3, 784),
+        np.zeros((2, 5), dtype=np.float32)[:, ::2],  # not contiguous
+        np.zeros(4, dtype=[("mu", np.float32, (3,)), ("z", np.float32, (2, 3))]),
+        np.zeros((0, 4), dtype=np.float32),
+    ],
+    ids=["images", "uint8", "strided", "structured", "empty"],
+)
+def test_npy_bytes_are_exactly_what_np_save_writes(array: np.ndarray) -> None:
+    assert npy_bytes(array) == _np_save(array)
+
+
 @pytest.mark.parametrize("op", ["sample", "decode", "reconstruct"])
 async def test_npy_images_equal_json_images_exactly(client: httpx.AsyncClient, op: str) -> None:
     payloads: dict[str, dict[str, object]] = {
