@@ -60,7 +60,7 @@ class TrainConfig:
     samples: int = field(default=1, metadata={"help": "Samples of z per example in the training ELBO (L)."})
     beta: float = field(default=1.0, metadata={"help": "Weight of the KL term after warm-up."})
     kl_warmup: float = field(
-        default=0.05, metadata={"help": "Fraction of training over which the KL weight ramps 0 -> beta."}
+        default=0.02, metadata={"help": "Fraction of training over which the KL weight ramps 0 -> beta."}
     )
     # optimisation
     epochs: int = field(default=100, metadata={"help": "Maximum number of epochs."})
@@ -70,15 +70,15 @@ class TrainConfig:
     )
     batch_size: int = field(default=256, metadata={"help": "Global batch size (split across ranks)."})
     batch_start: int = field(
-        default=64, metadata={"help": "Start at this batch size and double up to batch_size (0 = no ramp)."}
+        default=128, metadata={"help": "Start at this batch size and double up to batch_size (0 = no ramp)."}
     )
     batch_ramp: float = field(
-        default=0.1, metadata={"help": "Fraction of training over which the batch size ramp runs."}
+        default=0.02, metadata={"help": "Fraction of training over which the batch size ramp runs."}
     )
     lr: float = field(default=2e-3, metadata={"help": "Peak Adam learning rate."})
     lr_min: float = field(default=1e-5, metadata={"help": "Learning rate at the end of the cosine decay."})
     lr_warmup: float = field(
-        default=0.01, metadata={"help": "Fraction of training with a linear lr ramp-up."}
+        default=0.001, metadata={"help": "Fraction of training with a linear lr ramp-up."}
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     grad_clip: float = field(
