@@ -441,3 +441,20 @@ async def test_two_runs_in_flight_when_allowed() -> None:
             results = await asyncio.gather(*tasks)
     for got, x in zip(results, [rows(2, 0), rows(2, 10)], strict=True):
         assert_outputs(got, x)
+
+
+async def test_runs_happen_off_the_event_loop_and_stop_ends_the_worker_threads() -> None:
+    threads: list[threading.Thread] = []
+
+    def record_thread(x: Array) -> list[Array]:
+        threads.append(threading.current_thread())
+        return row_outputs(x)
+
+    batcher = Batcher(record_thread, name="fake", max_batch_rows=8, window_ms=0.0, max_queue_rows=100)
+    await batcher.start()
+    for start in range(3):
+        assert_outputs(await batcher.submit(rows(2, start)), rows(2, start))
+    await batcher.stop()
+    assert len(set(threads)) == 1 and threads[0] is not threading.current_thread()
+    threads[0].join(timeout=HANG)
+    assert not threads[0].is_alive()
