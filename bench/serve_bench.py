@@ -19,8 +19,14 @@ application/x-npy`), and `encode` of 64 Fashion-MNIST test images as JSON. Per p
 requests/s, samples/s, p50, p99, errors (socket errors, timeouts and HTTP statuses >= 400), the server's
 CPU use (/proc/PID/stat, all its processes) and, for the service, the mean number of requests merged per
 onnxruntime run (the change in `/metrics`' batch histograms over the point). RSS is read after warm-up
-and after the sweep. The markdown table is printed and written to --out, followed by the goals of issue 5
-as PASS/FAIL lines.
+and after the sweep.
+
+Then the goals that are ratios of two rates (service / no-op floor, batching on / off, service / in-process
+decoder) are measured side by side: both contenders up at once on the server core, taking turns for
+--rounds rounds of --round-seconds each, the ratio being the median of the rounds' ratios. This machine's
+speed drifts by 10-20% over minutes, so a ratio of two sweep points taken minutes apart would mostly
+measure the drift. The markdown report (sweep table, side-by-side table, memory) is printed and written
+to --out, followed by the goals of issue 5 as PASS/FAIL lines.
 
 The model is the newest version of the first (or --model) name under --model-dir (default `models`);
 if there is none, a stand-in with the same shapes (`bench/serve_standin.py`) is written to a temp dir.
@@ -36,6 +42,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +54,19 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serve_load import Load, Server, cpu_seconds, free_port, http, rss_bytes, run_wrk, wait_idle
+from bench.serve_load import (
+    Load,
+    Paired,
+    Rate,
+    Server,
+    alternate,
+    cpu_seconds,
+    free_port,
+    http,
+    rss_bytes,
+    run_wrk,
+    wait_idle,
+)
 from bench.serve_standin import write_standin
 from service.manifest import DECODER_INPUT, ENCODER_INPUT, MANIFEST_NAME, Manifest, read_manifest
 
@@ -192,40 +211,41 @@ def pinned_to(cpu: int | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def measure_ceiling(
-    version_dir: Path, manifest: Manifest, batches: set[tuple[str, int]], cpu: int | None, seconds: float
-) -> dict[tuple[str, int], float]:
-    """Rows/s of each (graph, batch) run in a loop in this process, on the server's core, one thread."""
-    import onnxruntime as ort
+class Ceiling:
+    """The same ONNX graphs run in a loop in this process, on the server's core, one onnxruntime thread."""
 
-    from service.runtime import session_options
+    def __init__(self, version_dir: Path, manifest: Manifest, graphs: set[str], cpu: int | None) -> None:
+        import onnxruntime as ort
 
-    inputs = {
-        "decoder": (DECODER_INPUT, (manifest.latent_dim,)),
-        "encoder": (ENCODER_INPUT, manifest.input_shape),
-    }
-    files = {"decoder": manifest.files.decoder.path, "encoder": manifest.files.encoder.path}
-    rng = np.random.default_rng(0)
-    results = {}
-    with pinned_to(cpu):
-        options = session_options(1, 1)
-        sessions = {
-            graph: ort.InferenceSession(
-                str(version_dir / files[graph]), options, providers=["CPUExecutionProvider"]
-            )
-            for graph in {graph for graph, _ in batches}
+        from service.runtime import session_options
+
+        self.cpu = cpu
+        self.inputs = {
+            "decoder": (DECODER_INPUT, (manifest.latent_dim,)),
+            "encoder": (ENCODER_INPUT, manifest.input_shape),
         }
-        for graph, batch in sorted(batches):
-            name, dims = inputs[graph]
-            feed = {name: rng.random((batch, *dims), dtype=np.float32)}
+        files = {"decoder": manifest.files.decoder.path, "encoder": manifest.files.encoder.path}
+        with pinned_to(cpu):
+            self.sessions = {
+                graph: ort.InferenceSession(
+                    str(version_dir / files[graph]), session_options(1, 1), providers=["CPUExecutionProvider"]
+                )
+                for graph in graphs
+            }
+
+    def rate(self, graph: str, batch: int, seconds: float) -> float:
+        """Rows/s of `graph` at `batch` rows per run, over about `seconds`."""
+        name, dims = self.inputs[graph]
+        feed = {name: np.random.default_rng(0).random((batch, *dims), dtype=np.float32)}
+        session = self.sessions[graph]
+        with pinned_to(self.cpu):
             for _ in range(10):
-                sessions[graph].run(None, feed)
+                session.run(None, feed)
             runs, began = 0, time.perf_counter()
             while (elapsed := time.perf_counter() - began) < seconds:
-                sessions[graph].run(None, feed)
+                session.run(None, feed)
                 runs += 1
-            results[graph, batch] = runs * batch / elapsed
-    return results
+        return runs * batch / elapsed
 
 
 # --- one server -----------------------------------------------------------------------------------------
@@ -379,6 +399,105 @@ def wrk_for(url: str, scenario: Scenario, connections: int, seconds: float, args
     )
 
 
+# --- side by side ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairGoal:
+    """One of issue 5's ratio goals, measured in alternation (`serve_load.alternate`)."""
+
+    text: str  # "what, conditions: A / B (unit)"
+    goal: float  # the least ratio A / B the goal accepts
+    result: Paired
+    errors: int  # HTTP and socket errors over both contenders' rounds
+
+
+def side_by_side(
+    args: argparse.Namespace,
+    model_root: Path,
+    version_dir: Path,
+    scratch: Path,
+    model: str,
+    all_scenarios: dict[str, Scenario],
+    runs: dict[str, ServerRun],
+    ceilings: Ceiling,
+) -> list[PairGoal]:
+    """The goals that compare two rates, with the servers up at once (idle but for the one under load)."""
+    keys = [key for key in ("service", "service-nobatch", "noop") if key in args.servers]
+    servers: dict[str, Server] = {}
+    bases: dict[str, str] = {}
+    pairs: list[PairGoal] = []
+    errors = 0
+    try:
+        for key in keys:
+            port = free_port()
+            command, env = launch(SERVERS[key], port, args, model_root, version_dir, scratch)
+            servers[key] = Server(command, env, args.server_cpu, scratch / f"{key}-side-by-side.log")
+            bases[key] = f"http://127.0.0.1:{port}"
+        for key, server in servers.items():
+            server.wait_ready(f"{bases[key]}/readyz")
+
+        def load(key: str, scenario_key: str, connections: int, *, samples: bool = False) -> Rate:
+            """wrk's rate for one request at one connection count: requests/s, or samples/s."""
+            scenario = all_scenarios[scenario_key]
+            url = f"{bases[key]}/v1/models/{model}/{scenario.endpoint}"
+
+            def rate(seconds: float) -> float:
+                nonlocal errors
+                measured = wrk_for(url, scenario, connections, seconds, args)
+                errors += measured.errors
+                wait_idle(servers[key].pid)
+                return measured.rps * scenario.rows if samples else measured.rps
+
+            rate(args.warmup)  # a fresh process: warm up what this rate will run
+            return rate
+
+        def pair(text: str, goal: float, a: Rate, b: Rate) -> None:
+            errors_before = errors
+            result = alternate(a, b, rounds=args.rounds, seconds=args.round_seconds)
+            pairs.append(PairGoal(text, goal, result, errors - errors_before))
+            rounds = ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in zip(result.a, result.b, strict=True))
+            print(f"  {text}: {result.ratio:.0%} ({result.spread()}: {rounds})", flush=True)
+
+        if {"service", "noop"} <= servers.keys():
+            pair(
+                "sample n=1, c=64: batching on / no-op floor (req/s)",
+                0.75,
+                load("service", "sample1", 64),
+                load("noop", "noop", 64),
+            )
+        if {"service", "service-nobatch"} <= servers.keys():
+            for key in args.requests:
+                label = all_scenarios[key].label
+                pair(
+                    f"{label}, c=1: batching on / off (req/s)",
+                    0.95,
+                    load("service", key, 1),
+                    load("service-nobatch", key, 1),
+                )
+        if "service" in servers:
+            for key, goal in (("sample256-json", 0.35), ("sample256-npy", 0.70)):
+                points = (
+                    [p for p in runs["service"].points if p.scenario.key == key] if "service" in runs else []
+                )
+                if key not in args.requests or not points:
+                    continue
+                best = max(points, key=lambda p: p.samples_per_s).connections
+                pair(
+                    f"{all_scenarios[key].label}, c={best} (the sweep's best): service / in-process decoder "
+                    "at batch 256 (samples/s)",
+                    goal,
+                    load("service", key, best, samples=True),
+                    lambda seconds: ceilings.rate("decoder", 256, seconds),
+                )
+    except (RuntimeError, OSError) as error:
+        print(f"  side by side: {error}", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return pairs
+
+
 # --- report ---------------------------------------------------------------------------------------------
 
 
@@ -390,8 +509,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def goals(runs: dict[str, ServerRun], ceiling: dict[tuple[str, int], float]) -> list[str]:
-    """Issue 5's goals, one PASS/FAIL/SKIP line each."""
+def goals(runs: dict[str, ServerRun], pairs: list[PairGoal]) -> list[str]:
+    """Issue 5's goals, one PASS/FAIL/SKIP line each: ratios of two rates from the side-by-side rounds,
+    the rest from the sweep."""
     lines: list[str] = []
 
     def verdict(ok: bool | None, text: str) -> None:
@@ -401,7 +521,7 @@ def goals(runs: dict[str, ServerRun], ceiling: dict[tuple[str, int], float]) -> 
         run = runs.get(server)
         return run.point(scenario, connections) if run else None
 
-    on, naive, noop = at("service", "sample1", 64), at("naive", "sample1", 64), at("noop", "noop", 64)
+    on, naive = at("service", "sample1", 64), at("naive", "sample1", 64)
     if on and naive:
         ratio = on.load.rps / naive.load.rps if naive.load.rps else float("inf")
         verdict(
@@ -410,14 +530,6 @@ def goals(runs: dict[str, ServerRun], ceiling: dict[tuple[str, int], float]) -> 
         )
     else:
         verdict(None, "sample n=1, c=64 vs the naive peer: not measured")
-    if on and noop:
-        ratio = on.load.rps / noop.load.rps if noop.load.rps else 0.0
-        verdict(
-            ratio >= 0.75,
-            f"sample n=1, c=64: {ratio:.0%} of the no-op floor's {noop.load.rps:,.0f} req/s (goal >= 75%)",
-        )
-    else:
-        verdict(None, "sample n=1, c=64 vs the no-op floor: not measured")
     if on:
         ratio = on.load.p99_ms / on.load.p50_ms if on.load.p50_ms else float("inf")
         verdict(
@@ -431,31 +543,14 @@ def goals(runs: dict[str, ServerRun], ceiling: dict[tuple[str, int], float]) -> 
             f"sample n=1, c=64, batching on: {merged if merged is not None else float('nan'):.1f} "
             "requests merged per run (goal >= 4)",
         )
-    ceiling_256 = ceiling.get(("decoder", 256))
-    for key, share in (("sample256-json", 0.35), ("sample256-npy", 0.70)):
-        run = runs.get("service")
-        points = [p for p in run.points if p.scenario.key == key] if run else []
-        if points and ceiling_256:
-            best = max(points, key=lambda p: p.samples_per_s)
-            ratio = best.samples_per_s / ceiling_256
-            verdict(
-                ratio >= share,
-                f"{best.scenario.label}: best {best.samples_per_s:,.0f} samples/s (c={best.connections}) = "
-                f"{ratio:.0%} of the in-process decoder's {ceiling_256:,.0f} (goal >= {share:.0%})",
-            )
-        else:
-            verdict(None, f"{key} vs the in-process decoder: not measured")
-    if "service" in runs and "service-nobatch" in runs:
-        for p_on in (p for p in runs["service"].points if p.connections == 1):
-            p_off = at("service-nobatch", p_on.scenario.key, 1)
-            if p_off and p_off.load.rps:
-                ratio = p_on.load.rps / p_off.load.rps
-                verdict(
-                    ratio >= 0.95,
-                    f"{p_on.scenario.label}, c=1: batching on {p_on.load.rps:,.0f} req/s = {ratio:.0%} of "
-                    f"batching off {p_off.load.rps:,.0f} (goal >= 95%; per CPU-second "
-                    f"{p_on.per_cpu_second:,.0f} vs {p_off.per_cpu_second:,.0f})",
-                )
+    for pair in pairs:
+        verdict(
+            pair.result.ratio >= pair.goal,
+            f"{pair.text}: {pair.result.ratio:.0%}, median of {pair.result.spread()} (goal >= {pair.goal:.0%})",
+        )
+    if pairs:
+        side_errors = sum(pair.errors for pair in pairs)
+        verdict(side_errors == 0, f"side by side: {side_errors} HTTP and socket errors (goal 0)")
     for key in ("service", "service-nobatch"):
         run = runs.get(key)
         if run is None:
@@ -484,6 +579,7 @@ def render(
     model_note: str,
     ceiling: dict[tuple[str, int], float],
     runs: dict[str, ServerRun],
+    pairs: list[PairGoal],
     goal_lines: list[str],
 ) -> str:
     import onnxruntime
@@ -565,6 +661,29 @@ def render(
         ],
         rows,
     )
+    out += [
+        "",
+        "## Side by side",
+        "",
+        f"Ratio goals, measured in alternation: A, B, A, B, ... for {args.rounds} rounds of "
+        f"{args.round_seconds:g} s, every server up at once on the same core; the ratio is the median of "
+        "the rounds' A / B.",
+        "",
+    ]
+    out += _table(
+        ["comparison", "A (median)", "B (median)", "A / B", "range", "goal"],
+        [
+            [
+                pair.text,
+                f"{statistics.median(pair.result.a):,.0f}",
+                f"{statistics.median(pair.result.b):,.0f}",
+                f"{pair.result.ratio:.0%}",
+                f"{min(pair.result.ratios):.0%}-{max(pair.result.ratios):.0%}",
+                f">= {pair.goal:.0%}",
+            ]
+            for pair in pairs
+        ],
+    )
     out += ["", "## Memory", ""]
     out += _table(
         ["server", "RSS after warm-up MiB", "RSS after sweep MiB", "note"],
@@ -606,10 +725,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", help="model name under --model-dir (default: the first)")
     parser.add_argument(
-        "--duration", type=float, default=10.0, help="seconds per point (default: %(default)s)"
+        "--duration", type=float, default=5.0, help="seconds per point (default: %(default)s)"
     )
     parser.add_argument(
         "--warmup", type=float, default=2.0, help="seconds of load per request before the sweep"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=9, help="rounds per side-by-side comparison (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--round-seconds",
+        type=float,
+        default=3.0,
+        help="seconds per contender per round (default: %(default)s)",
     )
     parser.add_argument(
         "--concurrency", type=_int_list, default=[1, 8, 32, 64], help="wrk connections, e.g. 1,8,32,64"
@@ -661,6 +789,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out", type=Path, default=Path("bench/results/serve_bench.md"), help="markdown report"
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.round_seconds <= 0:
+        parser.error("--rounds must be at least 1 and --round-seconds positive")
     if not all("=" in item for item in args.env):
         parser.error("--env takes KEY=VALUE")
     if shutil.which("wrk") is None:
@@ -694,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
             for key in args.servers
         }
         batches = {(s.graph, s.batch) for chosen in wanted.values() for s in chosen}
-        ceiling = measure_ceiling(version_dir, manifest, batches, args.server_cpu, min(args.duration, 5.0))
+        ceilings = Ceiling(version_dir, manifest, {graph for graph, _ in batches}, args.server_cpu)
+        ceiling = {key: ceilings.rate(*key, min(args.duration, 5.0)) for key in sorted(batches)}
         for (graph, batch), value in sorted(ceiling.items()):
             print(f"  ceiling {graph} batch {batch}: {value:,.0f} samples/s", flush=True)
         runs = {}
@@ -712,8 +843,12 @@ def main(argv: list[str] | None = None) -> int:
                 args,
                 scratch / f"{key}.log",
             )
-    goal_lines = goals(runs, ceiling)
-    report = render(args, model_note, ceiling, runs, goal_lines)
+        print("side by side", flush=True)
+        pairs = side_by_side(
+            args, model_root, version_dir, scratch, manifest.name, all_scenarios, runs, ceilings
+        )
+    goal_lines = goals(runs, pairs)
+    report = render(args, model_note, ceiling, runs, pairs, goal_lines)
     print("\n" + report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)

@@ -7,16 +7,18 @@ script's `done` hook prints the totals and latency percentiles on one line, whic
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,3 +230,40 @@ def wait_idle(pid: int, *, busy_below: float = 0.05, timeout_s: float = 120.0) -
         if after - before < busy_below * 0.25:
             return
         before = after
+
+
+Rate = Callable[[float], float]
+"""Measure something for about `seconds` and return its rate (requests/s, samples/s, ...)."""
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two rates measured in alternation: a[i] and b[i] come from the same round, seconds apart."""
+
+    a: tuple[float, ...]
+    b: tuple[float, ...]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [x / y if y else math.inf for x, y in zip(self.a, self.b, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        """The median of the per-round ratios a/b."""
+        return statistics.median(self.ratios)
+
+    def spread(self) -> str:
+        return f"{min(self.ratios):.0%}-{max(self.ratios):.0%} over {len(self.a)} rounds"
+
+
+def alternate(a: Rate, b: Rate, *, rounds: int, seconds: float) -> Paired:
+    """Measure a, b, a, b, ... for `rounds` rounds, so that both see the same machine.
+
+    On a shared machine whose speed drifts by 10-20% over minutes (seen here), a ratio of two figures taken
+    minutes apart mostly measures the drift; the median of per-round ratios taken seconds apart does not.
+    """
+    first, second = [], []
+    for _ in range(rounds):
+        first.append(a(seconds))
+        second.append(b(seconds))
+    return Paired(tuple(first), tuple(second))
