@@ -678,7 +678,7 @@ def render(
                 f"{statistics.median(pair.result.a):,.0f}",
                 f"{statistics.median(pair.result.b):,.0f}",
                 f"{pair.result.ratio:.0%}",
-                f"{min(pair.result.ratios):.0%}-{max(pair.result.ratios):.0%}",
+                pair.result.range(),
                 f">= {pair.goal:.0%}",
             ]
             for pair in pairs

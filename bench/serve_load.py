@@ -252,8 +252,13 @@ class Paired:
         """The median of the per-round ratios a/b."""
         return statistics.median(self.ratios)
 
+    def range(self) -> str:
+        """The lowest and highest round's ratio, e.g. "81%-108%"."""
+        ratios = self.ratios
+        return f"{min(ratios):.0%}-{max(ratios):.0%}"
+
     def spread(self) -> str:
-        return f"{min(self.ratios):.0%}-{max(self.ratios):.0%} over {len(self.a)} rounds"
+        return f"{self.range()} over {len(self.a)} rounds"
 
 
 def alternate(a: Rate, b: Rate, *, rounds: int, seconds: float) -> Paired:

@@ -90,8 +90,8 @@ class _Workers:
     """Threads that run batches off the event loop and hand each outcome back with `call_soon_threadsafe`.
 
     `loop.run_in_executor` on a ThreadPoolExecutor does the same through two kinds of future and the pool's
-    bookkeeping: a lone request's trip through the batcher took 77 us of CPU with it and 28 us with this
-    queue and thread (one core, a model that returns at once).
+    bookkeeping, which cost more than the rest of a lone request's trip through the batcher (that trip is
+    measured by `python -m bench.serve_costs`).
     """
 
     def __init__(self, count: int, name: str) -> None:
