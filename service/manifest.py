@@ -75,8 +75,11 @@ class Goal(_Strict):
 class TrainingRecord(_Strict):
     command: str = Field(description="The exact command that trained the model.")
     config: dict[str, object] = Field(description="The full training configuration.")
-    epochs: int
-    seconds: float = Field(description="Wall-clock training time.")
+    epochs: int = Field(description="Epochs the run trained.")
+    best_epoch: int | None = Field(
+        default=None, description="The epoch of the exported weights (the best validation score)."
+    )
+    seconds: float = Field(description="Wall-clock training time of the run.")
     device: str
 
 

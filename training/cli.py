@@ -30,14 +30,14 @@ def _download(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> None:
-    from training.train import BEST, train
+    from training.train import train
 
     cfg = config_from_args(args)
     result = train(cfg, command=shlex.join(["python", "-m", "training", *argv]))
     if cfg.export and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 exports
         from training.export import export_checkpoint
 
-        export_checkpoint(result.out_dir / BEST, Path(cfg.export), progress=cfg.progress)
+        export_checkpoint(result.best_checkpoint, Path(cfg.export), progress=cfg.progress)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -71,8 +71,6 @@ def _export(args: argparse.Namespace) -> None:
         iwae_k=args.iwae_k,
         data_dir=args.data_dir,
         test_images=args.images,
-        name=args.name,
-        version=args.version,
         progress=args.progress,
     )
 
@@ -109,11 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", choices=["test", "val"], default="test")
         else:
             p.add_argument(
-                "--out", type=Path, required=True, help="Model directory, e.g. models/NAME/VERSION."
+                "--out",
+                type=Path,
+                required=True,
+                help="Model directory MODEL_DIR/NAME/VERSION (the name and version the service reports).",
             )
             p.add_argument("--iwae-k", type=int, help="Importance samples (default: the run's --iwae-k).")
-            p.add_argument("--name", help="Model name (default: the parent directory's name).")
-            p.add_argument("--version", help="Model version (default: the directory's name).")
     return parser
 
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+import os
 import platform
+import shutil
+import tempfile
 import warnings
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +55,7 @@ from training.config import TrainConfig
 from training.data import find_data_dir, load_split
 from training.evaluate import EvalResult, evaluate
 from training.model import VAE
-from training.train import load_checkpoint
+from training.train import LAST, load_checkpoint
 
 TOLERANCE = 1e-4
 OPSET = 18
@@ -196,7 +199,8 @@ def save_figures(
     with torch.inference_mode():
         z = torch.randn(8 * cols, model.latent_dim, generator=torch.Generator().manual_seed(0))
         _grid(model.decode_mean(z).numpy(), cols).save(out_dir / "samples.png")
-        x = test_images[: 4 * cols]
+        cols = min(cols, len(test_images))  # up to 4 full rows of test images, each over its reconstructions
+        x = test_images[: min(4, len(test_images) // cols) * cols]
         recon = model.decode_mean(model.encode(x).mu)
         pairs = torch.cat(
             [torch.stack([x[i : i + cols], recon[i : i + cols]]) for i in range(0, len(x), cols)]
@@ -238,9 +242,21 @@ def describe_architecture(cfg: TrainConfig) -> str:
     return f"conv {c1}-{c2} hidden {cfg.hidden[0]} latent {cfg.latent_dim} {cfg.activation}"
 
 
+def run_record(checkpoint: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The whole run's epochs, seconds and history: the checkpoint holds them only up to its own epoch, so
+    they come from `last.pt` beside it when that continues the same history (else from the checkpoint)."""
+    last_path = checkpoint.parent / LAST
+    if last_path.is_file() and last_path.resolve() != checkpoint.resolve():
+        last = torch.load(last_path, map_location="cpu", weights_only=False)
+        if last["history"][: len(ckpt["history"])] == ckpt["history"]:
+            ckpt = last
+    return {"epochs": ckpt["epoch"], "seconds": ckpt["elapsed"], "history": ckpt["history"]}
+
+
 def build_manifest(
     cfg: TrainConfig,
     ckpt: dict[str, Any],
+    run: dict[str, Any],
     result: EvalResult,
     check: ExportCheck,
     out_dir: Path,
@@ -276,13 +292,23 @@ def build_manifest(
         training=TrainingRecord(
             command=ckpt.get("command", ""),
             config=cfg.to_dict(),
-            epochs=ckpt["epoch"],
-            seconds=round(ckpt["elapsed"], 1),
+            epochs=run["epochs"],
+            best_epoch=ckpt["epoch"],
+            seconds=round(run["seconds"], 1),
             device=ckpt.get("device", "cpu"),
         ),
         goal=goal,
         libraries=library_versions(),
     )
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` at `target`, moving an existing `target` aside first and deleting it after."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_checkpoint(
@@ -292,14 +318,15 @@ def export_checkpoint(
     iwae_k: int | None = None,
     data_dir: str | None = None,
     test_images: int = 0,
-    name: str | None = None,
-    version: str | None = None,
     progress: bool = True,
 ) -> Manifest:
     """Evaluate, export, check and describe one checkpoint; returns the manifest it wrote.
 
-    The name and version default to the directory layout `.../NAME/VERSION`; `test_images` > 0 evaluates
-    on the first N test images only (for smoke tests; the manifest records how many were used).
+    The name and version are the directory layout `.../NAME/VERSION`, as the service requires. Everything
+    is written into a hidden sibling directory that replaces `out_dir` only once the parity check passed and
+    the manifest is written: a failed export leaves the previous version (or nothing) in place, never graphs
+    without a manifest, which the service would refuse. `test_images` > 0 evaluates on the first N test
+    images only (for smoke tests; the manifest records how many were used).
     """
     model, ckpt = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"])
@@ -312,13 +339,20 @@ def export_checkpoint(
         f"test: elbo {result.elbo:.2f}, nll {result.nll:.2f} (IWAE k={k}, {result.images} images), "
         f"{result.bits_per_dim:.4f} bits/dim, {result.active_units} active units, mse {result.recon_error:.4f}"
     )
-    export_onnx(model, out_dir)
-    check = check_parity(model, out_dir, x_test[:256])
-    save_figures(model, x_test, ckpt["history"], out_dir)
-    manifest = build_manifest(
-        cfg, ckpt, result, check, out_dir, name or out_dir.resolve().parent.name, version or out_dir.name
-    )
-    write_manifest(out_dir, manifest)
+    run = run_record(Path(checkpoint), ckpt)
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from a service running as another user
+        export_onnx(model, staging)
+        check = check_parity(model, staging, x_test[:256])
+        save_figures(model, x_test, run["history"], staging)
+        manifest = build_manifest(cfg, ckpt, run, result, check, staging, out_dir.parent.name, out_dir.name)
+        write_manifest(staging, manifest)
+        _replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if manifest.goal and manifest.metrics.test_nll > manifest.goal.max_test_nll:
         print(f"warning: test NLL {result.nll:.2f} misses the goal of {manifest.goal.max_test_nll}")
     print(f"exported to {out_dir}")

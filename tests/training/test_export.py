@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,9 +23,10 @@ from service.manifest import (
     read_manifest,
     verify_checksums,
 )
+from training import export
 from training.config import TrainConfig
-from training.export import TOLERANCE, export_checkpoint
-from training.train import BEST, load_checkpoint, train
+from training.export import TOLERANCE, ExportError, export_checkpoint
+from training.train import BEST, LAST, load_checkpoint, train
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "fashion-mnist-mlp" / "1"
@@ -74,6 +76,7 @@ def test_export_writes_the_files_and_a_valid_manifest(exported: tuple[Path, Path
     assert manifest.metrics.test_nll <= -manifest.metrics.test_elbo + 1.0  # IWAE bound is the tighter one
     assert manifest.metrics.bits_per_dim == pytest.approx(manifest.metrics.test_nll / (784 * np.log(2)))
     assert manifest.training.command == "python -m training train --tiny"
+    assert manifest.training.epochs == manifest.training.best_epoch == 1
     assert manifest.training.config["latent_dim"] == 4
     assert {"torch", "onnxruntime", "onnx"} <= manifest.libraries.keys()
     assert verify_checksums(model_dir, manifest) == []
@@ -118,6 +121,65 @@ def test_a_tampered_file_fails_the_checksums(exported: tuple[Path, Path], tmp_pa
         f.write(b"\0")
     problems = verify_checksums(copy, read_manifest(copy))
     assert len(problems) == 1 and "decoder" in problems[0]
+
+
+def test_the_manifest_records_the_whole_run_not_the_best_epoch(
+    exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The run went on 3 epochs (and 50 s) past its best: the manifest says so, and the curves show them."""
+    checkpoint, _ = exported
+    best = torch.load(checkpoint, weights_only=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(checkpoint, run / BEST)
+    later = [dict(best["history"][-1], epoch=best["epoch"] + i) for i in (1, 2, 3)]
+    last = best | {
+        "epoch": best["epoch"] + 3,
+        "elapsed": best["elapsed"] + 50,
+        "history": best["history"] + later,
+    }
+    torch.save(last, run / LAST)
+    manifest = export_checkpoint(run / BEST, tmp_path / "tiny" / "4", test_images=20, progress=False)
+    assert manifest.training.epochs == best["epoch"] + 3
+    assert manifest.training.best_epoch == best["epoch"]
+    assert manifest.training.seconds == round(best["elapsed"] + 50, 1)
+
+    torch.save(best | {"history": [dict(best["history"][0], train_elbo=-1.0)]}, run / LAST)  # another run's
+    manifest = export_checkpoint(run / BEST, tmp_path / "tiny" / "5", test_images=20, progress=False)
+    assert manifest.training.epochs == manifest.training.best_epoch == best["epoch"]
+
+
+def test_a_failed_export_leaves_the_previous_version_in_place(
+    exported: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint, model_dir = exported
+    target = tmp_path / "tiny" / "3"
+    shutil.copytree(model_dir, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def disagree(*args: object, **kwargs: object) -> None:
+        raise ExportError("ONNX graphs differ from PyTorch")
+
+    monkeypatch.setattr(export, "check_parity", disagree)
+    with pytest.raises(ExportError):
+        export_checkpoint(checkpoint, target, test_images=20, progress=False)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in target.parent.iterdir()] == ["3"]  # no half-written or hidden directories left
+    with pytest.raises(ExportError):
+        export_checkpoint(checkpoint, tmp_path / "tiny" / "9", test_images=20, progress=False)
+    assert [p.name for p in target.parent.iterdir()] == ["3"]
+
+
+def test_re_export_in_place_replaces_the_version(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, model_dir = exported
+    target = tmp_path / "tiny" / "3"
+    shutil.copytree(model_dir, target)
+    (target / "stale.txt").write_text("from the previous export")
+    manifest = export_checkpoint(checkpoint, target, test_images=20, progress=False)
+    assert not (target / "stale.txt").exists() and manifest.metrics.test_images == 20
+    assert read_manifest(target).files == manifest.files and verify_checksums(target, manifest) == []
+    assert [p.name for p in target.parent.iterdir()] == ["3"]
+    assert target.stat().st_mode & 0o777 == 0o755
 
 
 @pytest.mark.slow
