@@ -49,7 +49,10 @@ class Metrics(_Strict):
     """Test-set figures, in nats per image unless the name says otherwise."""
 
     test_elbo: float = Field(description="Mean ELBO on the test set (nats, higher is better).")
-    test_nll: float = Field(description="IWAE estimate of -log p(x) on the test set (nats, lower is better).")
+    test_nll: float = Field(
+        description="IWAE bound on -log p(x) on the test set (nats, lower is better); with a Bernoulli decoder on "
+        "grey-level pixels, on the binary cross-entropy (see training/evaluate.py)."
+    )
     iwae_k: int = Field(ge=1, description="Importance samples per image used for test_nll.")
     bits_per_dim: float = Field(description="test_nll / (D ln 2), D = pixels per image.")
     active_units: int = Field(ge=0, description="Latent units with Cov_x(E_q[z]) > 0.01.")

@@ -50,7 +50,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     cfg = TrainConfig.from_dict(ckpt["config"])
     splits = load_splits(
         cfg.dataset,
-        str(find_data_dir(cfg.dataset, args.data_dir or cfg.data_dir)),
+        str(find_data_dir(cfg.dataset, args.data_dir, prefer=cfg.data_dir)),
         cfg.val_size,
         cfg.seed,
         cfg.train_subset,
@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("checkpoint", type=Path)
-        p.add_argument("--data-dir", help="Directory with the IDX files (default: the lookup order).")
+        p.add_argument(
+            "--data-dir",
+            help="Directory with the IDX files (default: the run's own --data-dir if it still has them, "
+            "else the lookup order).",
+        )
         p.add_argument("--images", type=int, default=0, help="Use only the first N images (0 = all).")
         p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
         if name == "evaluate":
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     from training.data import DataError
+    from training.export import ExportError
 
     try:
         if args.command == "download":
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             _evaluate(args)
         else:
             _export(args)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -92,18 +92,26 @@ def candidate_dirs(dataset: str, data_dir: str | os.PathLike[str] | None = None)
     return dirs
 
 
-def find_data_dir(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The first candidate directory that holds all four files; an explicit `data_dir` must hold them."""
+def find_data_dir(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    prefer: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The first candidate directory that holds all four files; an explicit `data_dir` must hold them.
+
+    `prefer` (a checkpoint's recorded --data-dir) is tried first but may be gone: a run trained in a
+    container under /data is evaluated on the host from the usual places."""
     names = [name for pair in SPLIT_FILES.values() for name in pair]
     if data_dir is not None:
         missing = [n for n in names if not (Path(data_dir) / n).is_file()]
         if missing:
             raise DataError(f"{data_dir} lacks {', '.join(missing)}")
         return Path(data_dir)
-    for d in candidate_dirs(dataset):
+    candidates = ([Path(prefer)] if prefer else []) + candidate_dirs(dataset)
+    for d in candidates:
         if all((d / n).is_file() for n in names):
             return d
-    tried = ", ".join(str(d) for d in candidate_dirs(dataset))
+    tried = ", ".join(str(d) for d in candidates)
     raise DataError(
         f"no {dataset} files found (looked in {tried}); run `python -m training download --dataset {dataset}`"
     )

@@ -3,7 +3,10 @@
     python -m training evaluate runs/default/best.pt --iwae-k 1000
 
 The IWAE estimate uses k importance samples per image (Burda et al. 2016); it is a lower bound on log p(x)
-that tightens as k grows, so the NLL it reports is an upper bound on the true NLL. With k = 1000 over 10k
+that tightens as k grows, so the NLL it reports is an upper bound on the true NLL. With the Bernoulli decoder
+on grey-level pixels (the default: Fashion-MNIST is not binarized) "log p(x|z)" is the per-pixel binary
+cross-entropy, the field's usual convention there, so the figures are bounds on that cross-entropy rather
+than on a density over grey levels; it cannot go below the images' own binary entropy. With k = 1000 over 10k
 images that is 10M decoder passes: images are processed a few at a time (k samples each) so memory stays
 bounded, under `torch.inference_mode`, with a progress bar.
 """

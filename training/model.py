@@ -78,9 +78,6 @@ class DiagonalGaussian:
             eps = torch.randn(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
         return reparameterize(self.mu, self.logvar, eps)
 
-    def mode(self) -> torch.Tensor:
-        return self.mu
-
     def kl(self) -> torch.Tensor:
         """KL(q || N(0, I)) per row in closed form: -1/2 sum(1 + logvar - mu^2 - exp(logvar)).
 

@@ -38,6 +38,21 @@ from training.model import VAE
 from training.objectives import negative_elbo
 
 LAST, BEST = "last.pt", "best.pt"
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume",
+        "epochs",
+        "max_minutes",
+        "progress",
+        "export",
+        "threads",
+        "device",
+        "data_dir",
+        "iwae_k",
+        "goal_nll",
+    }
+)
+"""Settings a resumed run may change: budgets, where things are, how it reports; not the model or its optimiser."""
 
 # hook(epochs done as a float, model, training seconds so far); runs with the training clock stopped
 ProgressHook = Callable[[float, VAE, float], None]
@@ -47,7 +62,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -122,6 +137,19 @@ def _save(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """Refuse to resume with other model or optimisation settings: the weights would not load, or two runs'
+    settings would be mixed under one recorded config."""
+    now = cfg.to_dict()
+    changed = sorted(key for key in now if key not in RESUME_MAY_CHANGE and saved.get(key) != now[key])
+    if changed:
+        differences = ", ".join(f"{key} {saved.get(key)!r} (now {now[key]!r})" for key in changed)
+        raise ValueError(
+            f"--resume: the run in {cfg.out} was trained with other settings: {differences}; "
+            "pass the run's own settings (its checkpoint's config) or train into a new --out"
+        )
+
+
 def load_checkpoint(path: Path | str) -> tuple[VAE, dict[str, Any]]:
     """Rebuild the model a checkpoint describes (its config travels with it) and load its weights."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -167,6 +195,7 @@ def train(
     best_val = -math.inf
     if cfg.resume:
         ckpt = torch.load(out_dir / LAST, map_location=device, weights_only=False)
+        check_resumable(ckpt["config"], cfg)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, seen, elapsed = ckpt["epoch"], ckpt["seen"], ckpt["elapsed"]
@@ -282,6 +311,10 @@ def train(
         )
         val_seconds = time.perf_counter() - val_clock
         elapsed = start_elapsed + time.perf_counter() - clock
+        if budget and dev_info.world > 1:  # the next epoch's schedule and the loop's test use rank 0's clock
+            shared = torch.tensor([elapsed, val_seconds], dtype=torch.float64, device=device)
+            dist.broadcast(shared, src=0)
+            elapsed, val_seconds = shared.tolist()
         n = sums[3].item()
         row = {
             "epoch": epoch,

@@ -72,18 +72,28 @@ def test_splits_are_float_in_unit_range_disjoint_and_fixed_by_seed(synthetic_dir
     assert not any(tuple(r.tolist()) in rows for r in a.val.flatten(1))
 
 
-def test_lookup_order_is_flag_then_env_then_defaults(
+def test_lookup_order_is_flag_then_recorded_then_env_then_defaults(
     tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(synthetic_dir))
-    assert find_data_dir("mnist") == synthetic_dir
-    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "nowhere")
+    flag, recorded, env, debian, local = (
+        shutil.copytree(synthetic_dir, tmp_path / name)
+        for name in ("flag", "recorded", "env", "debian", "local")
+    )
+    shutil.move(local, tmp_path / "data" / "fashion-mnist")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match="lacks"):
-        find_data_dir("mnist", tmp_path)  # an explicit directory must hold the files; no fallback
+    monkeypatch.setattr(data, "DEBIAN_DIR", debian)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(env))
+    assert find_data_dir("fashion-mnist", flag, prefer=recorded) == flag
+    assert find_data_dir("fashion-mnist", prefer=recorded) == recorded
+    assert find_data_dir("fashion-mnist", prefer=tmp_path / "gone") == env  # a recorded dir may be gone
     monkeypatch.delenv(data.DATA_DIR_ENV)
-    with pytest.raises(DataError, match="python -m training download"):
-        find_data_dir("mnist")
+    assert find_data_dir("fashion-mnist") == debian
+    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "nowhere")
+    assert find_data_dir("fashion-mnist") == Path("data") / "fashion-mnist"
+    with pytest.raises(DataError, match="lacks"):
+        find_data_dir("fashion-mnist", tmp_path / "gone")  # an explicit directory must hold the files
+    with pytest.raises(DataError, match="python -m training download --dataset mnist"):
+        find_data_dir("mnist")  # Debian's directory is Fashion-MNIST's only
 
 
 @pytest.fixture

@@ -225,6 +225,48 @@ def test_cli_reports_missing_data_clearly(tmp_path: Path, capsys: pytest.Capture
     assert "lacks train-images-idx3-ubyte.gz" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_reports_a_missing_gpu_clearly(
+    synthetic_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.cli import main
+
+    argv = [
+        "train",
+        "--data-dir",
+        str(synthetic_dir),
+        "--device",
+        "cuda",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert main(argv) == 2
+    assert "--device cuda was asked for but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_reports_a_failed_export_clearly(
+    exported: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from training.cli import main
+
+    def disagree(*args: object, **kwargs: object) -> None:
+        raise ExportError("ONNX graphs differ from PyTorch by more than 0.0001")
+
+    monkeypatch.setattr(export, "check_parity", disagree)
+    checkpoint, _ = exported
+    assert (
+        main(
+            ["export", str(checkpoint), "--out", str(tmp_path / "m" / "1"), "--images", "20", "--no-progress"]
+        )
+        == 2
+    )
+    assert "error: ONNX graphs differ from PyTorch" in capsys.readouterr().err
+
+
 def test_the_shipped_default_model_matches_its_manifest() -> None:
     manifest = read_manifest(SHIPPED)
     assert verify_checksums(SHIPPED, manifest) == []

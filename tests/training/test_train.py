@@ -98,6 +98,14 @@ def test_resume_continues_exactly(tiny_config: Callable[..., TrainConfig], tmp_p
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
 
 
+def test_resume_refuses_other_model_settings(tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
+    out = _run_one_epoch_of_three(tiny_config, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"latent_dim 4 \(now 8\), lr 0.003 \(now 0.01\)"):
+        train(tiny_config(out=str(out), epochs=3, batch_start=10, resume=True, latent_dim=8, lr=0.01))
+    resumed = train(tiny_config(out=str(out), epochs=4, batch_start=10, resume=True, max_minutes=5))
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]  # budgets may change
+
+
 def _run_one_epoch_of_three(tiny_config: Callable[..., TrainConfig], out: Path) -> Path:
     """Train a 3-epoch run but stop it after its first epoch (as a crash would), via the progress hook."""
 
@@ -160,20 +168,28 @@ def test_loss_decreases_on_real_data(real_dir: Path, tiny_config: Callable[..., 
 
 
 @pytest.mark.slow
-def test_torchrun_data_parallel_shards_and_keeps_ranks_identical(synthetic_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_minutes", [0.0, 0.05], ids=["2 epochs", "3 s budget"])
+def test_torchrun_data_parallel_shards_and_keeps_ranks_identical(
+    synthetic_dir: Path, tmp_path: Path, max_minutes: float
+) -> None:
+    """Under a time budget each rank has its own clock: they must still agree on every step and on the stop."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        str(REPO / "tests" / "training" / "ddp_worker.py"), str(tmp_path), str(synthetic_dir),
+        str(REPO / "tests" / "training" / "ddp_worker.py"), str(tmp_path), str(synthetic_dir), str(max_minutes),
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["world"] == 2
-    for epoch in range(2):
+    epochs = len(ranks[0]["indices"])
+    assert len(ranks[1]["indices"]) == epochs
+    assert epochs == 2 if not max_minutes else 1 < epochs < 1000
+    for epoch in range(epochs):
         a, b = (set(r["indices"][epoch].tolist()) for r in ranks)
         assert a and b and not a & b
         assert len(a | b) == 500  # all 500 training images (600 minus 100 validation) in each epoch
     for (name, pa), pb in zip(ranks[0]["state"].items(), ranks[1]["state"].values(), strict=True):
         assert torch.equal(pa, pb), name
-    assert (tmp_path / BEST).is_file() and not (tmp_path / "rank1" / BEST).exists()
+    assert (tmp_path / BEST).is_file()
+    assert ranks[0]["saved"].count(LAST) == epochs and ranks[1]["saved"] == []  # rank 0 alone writes
