@@ -106,15 +106,29 @@ def find_data_dir(
         missing = [n for n in names if not (Path(data_dir) / n).is_file()]
         if missing:
             raise DataError(f"{data_dir} lacks {', '.join(missing)}")
-        return Path(data_dir)
+        return _not_another_dataset(dataset, Path(data_dir))
     candidates = ([Path(prefer)] if prefer else []) + candidate_dirs(dataset)
     for d in candidates:
         if all((d / n).is_file() for n in names):
-            return d
+            return _not_another_dataset(dataset, d)
     tried = ", ".join(str(d) for d in candidates)
     raise DataError(
         f"no {dataset} files found (looked in {tried}); run `python -m training download --dataset {dataset}`"
     )
+
+
+def _not_another_dataset(dataset: str, directory: Path) -> Path:
+    """`directory`, unless it holds another known dataset's files (MNIST's under --dataset fashion-mnist, say),
+    which would train and be labelled as the wrong one. Files matching no table (a custom set) pass."""
+    for other, table in SHA256.items():
+        # the 5 KB test labels first: the 26 MB training images are hashed only if everything else matched
+        files = sorted(table, key=lambda name: (directory / name).stat().st_size)
+        if other != dataset and all(sha256_of(directory / name) == table[name] for name in files):
+            raise DataError(
+                f"{directory} holds the {other} files, not {dataset}'s: pass --dataset {other}, "
+                f"or point --data-dir / ${DATA_DIR_ENV} at the {dataset} files"
+            )
+    return directory
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -96,6 +96,17 @@ def test_lookup_order_is_flag_then_recorded_then_env_then_defaults(
         find_data_dir("mnist")  # Debian's directory is Fashion-MNIST's only
 
 
+def test_another_datasets_files_are_refused(synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The synthetic files stand in for MNIST's: asked for as Fashion-MNIST they are refused, as MNIST taken."""
+    table = {name: data.sha256_of(synthetic_dir / name) for pair in SPLIT_FILES.values() for name in pair}
+    monkeypatch.setitem(data.SHA256, "mnist", table)
+    with pytest.raises(DataError, match="holds the mnist files, not fashion-mnist's: pass --dataset mnist"):
+        find_data_dir("fashion-mnist", synthetic_dir)
+    assert find_data_dir("mnist", synthetic_dir) == synthetic_dir
+    table["t10k-labels-idx1-ubyte.gz"] = "0" * 64  # one file differs: not MNIST's set, so a custom one
+    assert find_data_dir("fashion-mnist", synthetic_dir) == synthetic_dir
+
+
 @pytest.fixture
 def file_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """An HTTP server on 127.0.0.1 serving tmp_path/www; yields (base URL, served directory)."""
