@@ -30,8 +30,9 @@ Serves variational autoencoders exported to ONNX (`MODEL_DIR/NAME/VERSION/{model
 decoder.onnx}`) with onnxruntime.
 
 * **eps is drawn on the server** from `numpy.random.Generator(PCG64(seed))`, per request and before
-  batching: the same seed gives bit-identical eps on any load, in any batch. Requests without a seed get
-  one drawn from OS entropy, returned as `seed` (and the `X-Seed` header on binary responses).
+  batching: the same seed gives bit-identical eps on any load, in any batch. Requests that draw eps
+  without a seed get one drawn from OS entropy, returned as `seed` (and the `X-Seed` header on binary
+  responses); decode and reconstruct's mode mean draw no eps and return no seed.
 * **Responses**: JSON (default), `Accept: application/x-npy` (one .npy array), or `Accept: image/png`
   (a grid) for image outputs; `dtype: uint8` returns 0-255 pixels.
 * **Requests**: JSON, or the array itself as an `application/x-npy` body with parameters in the query.
@@ -72,12 +73,12 @@ def create_app(settings: Settings) -> ServiceApp:
     install_error_handlers(app)
     # add_middleware wraps what is already there: RequestMetrics ends up outermost, so it sees 413s too.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics, known_models=registry.names)
+    app.add_middleware(RequestMetrics, metrics=metrics, known_models=registry.model_names)
     add_routes(app.router, settings, registry, metrics)
     app.dispatch = OperationDispatch(
         [route for route in app.router.routes if isinstance(route, OperationRoute)],
         metrics=metrics,
-        known_models=registry.names,
+        known_models=registry.model_names,
         max_body_bytes=settings.max_body_bytes,
     )
     return app

@@ -29,7 +29,9 @@ Bounds and failures, all surfaced as exceptions the service maps to HTTP answers
     │                      with Retry-After), never a wait in an unbounded queue
     ├── BatchFailed        `run` raised or returned the wrong number of rows: every caller in that batch gets
     │                      its own BatchFailed, the original error chained as `__cause__`; later batches run
-    └── BatcherClosed      submit before `start()` or after `stop()`, or still queued when `stop()` came
+    └── BatcherClosed      submit before `start()` or after `stop()`, or still queued when `stop()` came;
+                           also every waiting and later caller if the collector task ever dies (a bug:
+                           logged with its traceback), so that nobody waits forever
 
 A caller that goes away (its task is cancelled) gives back its queued rows at once; rows of it already in
 a run are counted until that run ends. Nobody else in the batch notices.
@@ -199,22 +201,20 @@ class Batcher:
             raise RuntimeError(f"batcher {self.name!r} can only be started once")
         self._workers = _Workers(self.max_concurrent_runs, self.name)
         self._collector = asyncio.create_task(self._collect(), name=f"batcher-{self.name}")
+        self._collector.add_done_callback(self._collector_ended)
 
     async def stop(self) -> None:
         """Refuse new work, fail queued callers with BatcherClosed, and let the runs in flight finish."""
-        if self._collector is None or self._closed:
-            self._closed = True
-            return
         self._closed = True
+        if self._collector is None or self._workers is None:  # never started, or stopped already
+            return
         self._collector.cancel()
         await asyncio.wait({self._collector})
-        for request in self._queue:
-            self._fail(request, BatcherClosed(f"batcher {self.name!r} stopped before this request ran"))
-        self._queue.clear()
+        self._fail_queued(f"batcher {self.name!r} stopped before this request ran")
         if self._runs:
             await asyncio.wait(set(self._runs))
-        assert self._workers is not None
         self._workers.stop()
+        self._workers = None
 
     async def submit(self, rows: Array) -> list[Array]:
         """Run `rows` [n, ...] (n >= 1) in some batch; return the caller's n rows of each output, in order."""
@@ -240,6 +240,22 @@ class Batcher:
         finally:
             if request.future.cancelled():  # the caller went away: give back what has not run yet
                 self._release_untaken(request)
+
+    def _collector_ended(self, task: asyncio.Task[None]) -> None:
+        """The collector only ends by stop()'s cancel; if it ever raised, nobody would take queued rows again,
+        so close the batcher and fail every waiting caller rather than let them (and later ones) hang."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        _logger.error("collector of batcher %r crashed; the batcher is closed", self.name, exc_info=error)
+        self._closed = True
+        self._fail_queued(f"batcher {self.name!r} closed: its collector failed with {error!r}")
+
+    def _fail_queued(self, message: str) -> None:
+        """Fail every waiting caller with its own BatcherClosed."""
+        for request in self._queue:
+            self._fail(request, BatcherClosed(message))
+        self._queue.clear()
 
     # --- collector: runs on the event loop -------------------------------------------------------------
 

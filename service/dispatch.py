@@ -3,9 +3,10 @@
 FastAPI declares and documents every route and serves everything that is not a model operation (metadata,
 health, metrics, /docs). Its application stack, though (ServerErrorMiddleware, FastAPI's telemetry and
 body-limit middlewares, ExceptionMiddleware, AsyncExitStackMiddleware, the router's scan of every route),
-cost 30-35 us of CPU per `sample n=1` request in-process (about 150 -> 115 us with this path, measured by
-`python -m bench.serve_costs`): twice the model's share of the request. None of it does anything for an operation, whose route reads its own body and
-returns its own Response.
+cost about 35 us of CPU per `sample n=1` request: 143-154 us through it against 107-122 us along this path
+(32 at a time, in-process; `python -m bench.serve_costs`, figures in README.md's Performance section), twice
+the model's share of the request. None of it does anything for an operation, whose route reads its own
+body and returns its own Response.
 
 `OperationDispatch.match` claims a request when it is a POST that one of the operation routes matches in
 full (Starlette's own matching, so paths and parameters mean the same as through FastAPI); anything else,

@@ -97,8 +97,15 @@ async def sample(model: VAE, n: int, temperature: float, rng: np.random.Generato
     return Samples(images=await model.run_decoder(z), z=z)
 
 
-async def reconstruct(model: VAE, x: F32, mode: ReconstructMode, rng: np.random.Generator) -> Reconstruction:
-    eps = rng.standard_normal((x.shape[0], model.latent_dim), dtype=np.float32) if mode == "sample" else None
+async def reconstruct(
+    model: VAE, x: F32, mode: ReconstructMode, rng: np.random.Generator | None
+) -> Reconstruction:
+    """`rng` is needed by mode sample only: mode mean draws nothing, so it has no seed to report."""
+    eps = None
+    if mode == "sample":
+        if rng is None:
+            raise ValueError("reconstruct mode sample needs a generator")
+        eps = rng.standard_normal((x.shape[0], model.latent_dim), dtype=np.float32)
     mu, logvar = await model.run_encoder(x)
     z = mu if eps is None else mu + sigma_of(logvar) * eps
     images = await model.run_decoder(z)

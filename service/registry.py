@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import KeysView
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from service.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_chec
 from service.metrics import Metrics
 from service.operations import F32
 from service.runtime import (
+    CPU,
     CUDA,
     Graph,
     GraphError,
@@ -56,9 +58,15 @@ class ServedModel:
 
     manifest: Manifest
     path: Path
-    providers: list[str]
+    graph_providers: dict[str, list[str]]  # "encoder" and "decoder" -> its session's providers, best first
     encoder: Batcher
     decoder: Batcher
+
+    @property
+    def providers(self) -> list[str]:
+        """Every provider either graph's session uses, best first (CPU, every session's fallback, last)."""
+        names = dict.fromkeys(name for graph in self.graph_providers.values() for name in graph)
+        return sorted(names, key=lambda name: name == CPU)
 
     @property
     def latent_dim(self) -> int:
@@ -116,7 +124,7 @@ class Registry:
         if not root.is_dir():
             raise FileNotFoundError(f"MODEL_DIR {root} is not a directory")
         providers = select_providers(self.settings.device, available_providers())
-        log.info("execution providers: %s (DEVICE=%s)", providers, self.settings.device)
+        log.info("execution providers requested: %s (DEVICE=%s)", providers, self.settings.device)
         for name_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for version_dir in sorted(
                 p for p in name_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
@@ -142,12 +150,19 @@ class Registry:
         self.models.setdefault(name, {})[version] = ServedModel(
             manifest=manifest,
             path=version_dir,
-            providers=graphs.encoder.providers,
+            graph_providers={"encoder": graphs.encoder.providers, "decoder": graphs.decoder.providers},
             encoder=_batcher(graphs.encoder, "encoder", self.settings, self.metrics, manifest),
             decoder=_batcher(graphs.decoder, "decoder", self.settings, self.metrics, manifest),
         )
         self.metrics.model_loaded.labels(name, version).set(1)
-        log.info("model %s/%s loaded from %s on %s", name, version, version_dir, graphs.encoder.providers)
+        log.info(
+            "model %s/%s loaded from %s; encoder on %s, decoder on %s",
+            name,
+            version,
+            version_dir,
+            graphs.encoder.providers,
+            graphs.decoder.providers,
+        )
 
     def _checked_manifest(self, version_dir: Path) -> Manifest:
         manifest_path = version_dir / MANIFEST_NAME
@@ -192,8 +207,9 @@ class Registry:
     def served(self) -> list[ServedModel]:
         return [m for versions in self.models.values() for m in versions.values()]
 
-    def names(self) -> dict[str, dict[str, ServedModel]]:
-        return self.models
+    def model_names(self) -> KeysView[str]:
+        """The loaded models' names: a live view, so a membership test is one dict lookup per request."""
+        return self.models.keys()
 
     def versions(self, name: str) -> list[str]:
         return sorted(self.models.get(name, {}), key=version_key)

@@ -8,7 +8,7 @@ body (the array itself) or no body at all they travel in the query string instea
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from enum import Enum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
@@ -31,6 +31,7 @@ from service.encoding import (
 )
 from service.errors import InvalidInput, UnsupportedMedia
 from service.metrics import Metrics
+from service.operations import F32
 from service.registry import Registry, ServedModel
 from service.schemas import (
     EXAMPLE_PNG,
@@ -43,6 +44,7 @@ from service.schemas import (
     ErrorResponse,
     ModelInfo,
     ModelList,
+    P,
     Readiness,
     ReconstructParams,
     ReconstructRequest,
@@ -62,7 +64,6 @@ from service.schemas import (
 )
 from service.settings import Settings
 
-P = TypeVar("P", bound=RequestParams)
 MISSING = object()
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 INT = {"type": "integer"}
@@ -97,7 +98,7 @@ async def read_request(request: Request, params_model: type[P], array_field: str
         accepted = "application/json" if array_field is None else "application/json or application/x-npy"
         raise UnsupportedMedia(f"Content-Type {media!r} is not read here; send {accepted}", field="body")
     data = parse_json_object(body)
-    if not data:
+    if not body.strip():  # no body, not an empty object: `{}` with a query string is still both at once
         params = parse_params(params_model, query, from_query=True)
     elif query:
         raise InvalidInput("with a JSON body, send every parameter in the body", field="query")
@@ -111,7 +112,7 @@ async def read_request(request: Request, params_model: type[P], array_field: str
     return params, None
 
 
-def read_images(value: Any, served: ServedModel, settings: Settings) -> np.ndarray:
+def read_images(value: Any, served: ServedModel, settings: Settings) -> F32:
     manifest = served.manifest
     if isinstance(value, np.ndarray):
         return images_from_npy(value, manifest.input_shape, manifest.value_range, settings.max_batch)
@@ -160,7 +161,8 @@ def ok(model: type[BaseModel], media: tuple[str, ...], description: str) -> dict
     if NPY in media:
         content[NPY] = BINARY
         headers["X-Seed"] = {
-            "description": "The seed (binary responses of seeded operations).",
+            "description": "The seed eps was drawn from (binary responses; none from decode or "
+            "reconstruct's mode mean, which draw no eps).",
             "schema": INT,
         }
     if PNG in media:
@@ -191,6 +193,7 @@ def model_info(served: ServedModel, versions: list[str]) -> dict[str, Any]:
         created=manifest.created.isoformat(),
         metrics=manifest.metrics.model_dump(),
         providers=served.providers,
+        graph_providers=served.graph_providers,
     ).model_dump()
 
 
@@ -205,10 +208,9 @@ class OperationRoute(APIRoute):
     FastAPI builds the OpenAPI entry from `endpoint`'s signature and the usual route arguments (the `Depends`
     on `resolve` documents the path parameters). At request time the route calls `resolve(**path_params)`
     and `endpoint(request, served)` itself: the handlers read their bodies themselves and return a Response,
-    so FastAPI's dependency solving, its two exit stacks and its second exception wrapper did nothing for
-    them but cost over a third of a `sample n=1` request's CPU time in-process (187 us -> 118 us with this
-    route). Exceptions still reach the app's handlers through Starlette's ExceptionMiddleware, so errors
-    keep their shape and status.
+    so FastAPI's dependency solving, its two exit stacks and its second exception wrapper would do nothing
+    for them but cost CPU time on every request. Only `service.dispatch` calls this app; it renders the
+    exceptions with `errors.render`, as FastAPI's handlers do for every other route.
     """
 
     def __init__(self, path: str, endpoint: Operation, *, resolve: Resolver, **kwargs: Any) -> None:
@@ -229,9 +231,8 @@ Version = Annotated[str, Path(description="Model version, a directory under MODE
 
 
 def add_routes(router: APIRouter, settings: Settings, registry: Registry, metrics: Metrics) -> None:
-    """Register every route on `router` (the app's own: an included APIRouter costs a second dispatch per
-    request in FastAPI 0.16x). The model operations go first, ahead of FastAPI's /docs and /openapi.json
-    routes too, because routes are matched in order and they are the hot ones."""
+    """Register every route on `router`, the app's own (an included APIRouter would cost a second dispatch
+    per request in FastAPI 0.16x)."""
 
     # Called by OperationRoute, never by FastAPI: the signatures are there to document the path parameters.
     def newest(model: ModelName) -> ServedModel:
@@ -240,12 +241,8 @@ def add_routes(router: APIRouter, settings: Settings, registry: Registry, metric
     def pinned(model: ModelName, version: Version) -> ServedModel:
         return registry.resolve(model, version)
 
-    builtin = list(router.routes)  # FastAPI's /openapi.json and /docs, registered by the app itself
-    router.routes.clear()
-
     _model_routes(router, "/v1/models/{model}", newest, "", settings, metrics)
     _model_routes(router, "/v1/models/{model}/versions/{version}", pinned, "_version", settings, metrics)
-    router.routes.extend(builtin)
 
     @router.get(
         "/v1/models",
@@ -400,10 +397,16 @@ def _model_routes(
         media = negotiate(request.headers.get("accept"), IMAGE_TYPES)
         params, inputs = await read_request(request, ReconstructParams, "inputs")
         x = read_images(inputs, served, settings)
-        seed = operations.draw_seed() if params.seed is None else params.seed
-        result = await operations.reconstruct(served, x, params.mode, operations.make_rng(seed))
+        seed: int | None = None
+        rng: np.random.Generator | None = None
+        if params.mode == "sample":  # mode mean draws no eps: no seed to draw, return or replay
+            seed = operations.draw_seed() if params.seed is None else params.seed
+            rng = operations.make_rng(seed)
+        result = await operations.reconstruct(served, x, params.mode, rng)
         drawn("reconstruct", served, x.shape[0] if params.mode == "sample" else 0)
-        extra = {"z": result.z, "seed": seed, "error": result.error}
+        extra: dict[str, Any] = {"z": result.z, "error": result.error}
+        if seed is not None:
+            extra["seed"] = seed
         return image_response(media, result.images, params.dtype, "reconstructions", extra, seed)
 
     @route(

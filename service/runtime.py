@@ -32,7 +32,12 @@ class GraphError(ValueError):
 
 
 def select_providers(device: Device, available: Sequence[str]) -> list[str]:
-    """Execution providers to request, best first; CPU is always last so unsupported operators can fall back."""
+    """Execution providers to request, best first; CPU is always last so unsupported operators can fall back.
+
+    `available` is what the installed onnxruntime was built with (`get_available_providers`), not what the
+    machine has: with DEVICE=auto a CUDA build without a usable GPU is asked for CUDA anyway, its session
+    comes up on CPU, and the load log and /v1/models/{model} say so.
+    """
     has_cuda = CUDA in available
     if device == "cuda" and not has_cuda:
         raise ProviderUnavailable(
@@ -134,6 +139,10 @@ def _open_checked(
     require_cuda: bool,
 ) -> Graph:
     session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    # Otherwise a provider failure inside run() makes onnxruntime rebuild the session on CPU (set_providers)
+    # and retry, silently, while another worker thread may be running the same session (2 runs in flight on
+    # CUDA). A failed run must fail its batch, like any other.
+    session.disable_fallback()
     if require_cuda and CUDA not in session.get_providers():
         raise ProviderUnavailable(
             f"{path}: CUDAExecutionProvider was requested but the session fell back to CPU"

@@ -26,12 +26,16 @@ import struct
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import BadRequest, InvalidInput
 from service.operations import F32
+
+Numeric = npt.NDArray[np.number[Any]]
+"""An array of any integer or float dtype, as clients send it (an .npy body, a parsed JSON list)."""
 
 SEED_MAX = 2**63 - 1
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,7 +89,11 @@ class ReconstructParams(RequestParams):
     mode: Literal["mean", "sample"] = Field(
         "mean", description="mean: decode mu; sample: decode z = mu + sigma * eps with server-side eps."
     )
-    seed: Seed = None
+    seed: Seed = Field(
+        None,
+        description="Mode sample: the seed of the request's NumPy PCG64 generator; omitted or null: drawn "
+        "from OS entropy (below 2**53) and returned. Mode mean draws no eps and ignores it.",
+    )
     dtype: DtypeField = "float32"
 
 
@@ -151,7 +159,7 @@ class SampleResponse(BaseModel):
 class ReconstructResponse(BaseModel):
     reconstructions: list[Any] = Field(description="Decoded images [batch, *input_shape].")
     z: Matrix = Field(description="The latents decoded: mu (mode mean) or mu + sigma * eps (mode sample).")
-    seed: int
+    seed: int | None = Field(None, description="The seed eps was drawn from; absent in mode mean (no eps).")
     error: list[float] = Field(description="Mean squared error per image over all pixels.")
 
 
@@ -171,7 +179,13 @@ class ModelInfo(BaseModel):
     dataset: str
     created: str
     metrics: dict[str, float | int]
-    providers: list[str] = Field(description="onnxruntime execution providers in use, best first.")
+    providers: list[str] = Field(
+        description="onnxruntime execution providers the encoder's and decoder's sessions use, best first."
+    )
+    graph_providers: dict[str, list[str]] = Field(
+        description="Per graph (encoder, decoder): the providers its session uses, best first.",
+        examples=[{"encoder": ["CPUExecutionProvider"], "decoder": ["CPUExecutionProvider"]}],
+    )
 
 
 class ModelList(BaseModel):
@@ -289,12 +303,12 @@ def _walk(node: object, dims: tuple[int, ...], path: str, shape_text: str) -> No
             _walk(child, dims[1:], f"{path}.{j}", shape_text)
 
 
-def _to_float32(array: np.ndarray) -> F32:
+def _to_float32(array: Numeric) -> F32:
     with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, caught by the finite check
         return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def _fast_numeric(value: list[Any]) -> np.ndarray | None:
+def _fast_numeric(value: list[Any]) -> Numeric | None:
     """One numpy conversion of a uniform nested list of numbers, or None when it is ragged or not numeric."""
     try:
         array = np.asarray(value)
@@ -424,21 +438,59 @@ def parse_latents(value: object, latent_dim: int, max_batch: int, field: str = "
     return latents
 
 
-def read_npy(body: bytes) -> np.ndarray:
-    """An `application/x-npy` body (no pickles) as a numeric array."""
+NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+"""np.save writes 1.0 (2.0 for headers over 64 KiB); 3.0 only adds UTF-8 field names, which numeric dtypes
+lack."""
+NPY_MAX_DIMS = 32
+"""numpy 1.x's limit on dimensions (2.x allows 64); a batch of images needs a handful."""
+
+
+def read_npy(body: bytes) -> Numeric:
+    """An `application/x-npy` body as a numeric array: a read-only view of the body (aligned), no pickles.
+
+    np.load allocates the shape its header declares before it reads any data, so a few bytes declaring
+    (10**12, 784) would be a MemoryError (a 500). Here the header must account for the body's length
+    exactly before anything is allocated.
+    """
+    stream = io.BytesIO(body)
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        version = np.lib.format.read_magic(stream)
+        read_header = NPY_HEADER_READERS.get(version)
+        if read_header is None:
+            raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}; send 1.0 or 2.0")
+        shape, fortran_order, dtype = read_header(stream)
+    except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, TypeError, TokenError...
+        if body.startswith(b"PK\x03\x04"):
+            raise BadRequest("body is an .npz archive; send a single .npy array", field="body") from None
         raise BadRequest(f"body is not a readable .npy file: {exc}", field="body") from None
-    if not isinstance(array, np.ndarray):
-        raise BadRequest("body is an .npz archive; send a single .npy array", field="body")
-    if array.dtype.kind not in "iuf":
-        raise InvalidInput(f"expected a numeric array, got dtype {array.dtype}", field="body")
-    return array
+    if dtype.kind not in "iuf":
+        raise InvalidInput(f"expected a numeric array, got dtype {dtype}", field="body")
+    if any(dim < 0 for dim in shape):
+        raise BadRequest(f"the .npy header declares a negative dimension: {list(shape)}", field="body")
+    if len(shape) > NPY_MAX_DIMS:
+        raise BadRequest(
+            f"the .npy header declares {len(shape)} dimensions; at most {NPY_MAX_DIMS} are read", field="body"
+        )
+    offset = stream.tell()
+    count = math.prod(shape)
+    if len(body) - offset != count * dtype.itemsize:
+        raise BadRequest(
+            f"the .npy header declares {dtype}{list(shape)}, {count * dtype.itemsize} bytes of data, "
+            f"but the body holds {len(body) - offset}",
+            field="body",
+        )
+    array: Numeric = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+    # Fortran order: the data is the transpose's C-order layout, as np.load reads it.
+    array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
+    # A client's header need not pad the data to its dtype's alignment; numpy and onnxruntime expect it.
+    return array if array.flags.aligned else array.copy()
 
 
 def images_from_npy(
-    array: np.ndarray, input_shape: tuple[int, ...], value_range: tuple[float, float], max_batch: int
+    array: Numeric, input_shape: tuple[int, ...], value_range: tuple[float, float], max_batch: int
 ) -> F32:
     """npy images [batch, D] or [batch, *input_shape]; uint8 means 0-255 pixels."""
     size = math.prod(input_shape)
@@ -456,7 +508,7 @@ def images_from_npy(
     return images
 
 
-def latents_from_npy(array: np.ndarray, latent_dim: int, max_batch: int) -> F32:
+def latents_from_npy(array: Numeric, latent_dim: int, max_batch: int) -> F32:
     if array.ndim != 2 or array.shape[1] != latent_dim or array.shape[0] == 0:
         raise InvalidInput(
             f"expected an array [batch, {latent_dim}], got shape {list(array.shape)}", field="z"

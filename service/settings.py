@@ -1,7 +1,7 @@
 """Service configuration: one pydantic-settings class read from the environment (and `.env`), validated at start.
 
-Variables have no prefix (`MODEL_DIR`, `WORKERS`, ...). The table in `service/README.md` lists every one with
-its default and meaning; the field descriptions below are the source of that table.
+Variables have no prefix (`MODEL_DIR`, `WORKERS`, ...). README.md's configuration table and `.env.example`
+list every one with its default, by hand; tests/service/test_settings.py checks both against the fields here.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     model_dir: Path = Field(Path("models"), description="Directory holding NAME/VERSION/ model directories.")
     device: Device = Field(
         "auto",
-        description="auto: CUDA when onnxruntime-gpu sees a GPU, else CPU; cuda: fail at start without one.",
+        description="auto: CUDA when the installed onnxruntime has the CUDA provider; if the session cannot "
+        "create it, CPU. cpu. cuda: fail at start unless the sessions run on CUDA.",
     )
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 to serve beyond this machine.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")

@@ -458,3 +458,28 @@ async def test_runs_happen_off_the_event_loop_and_stop_ends_the_worker_threads()
     assert len(set(threads)) == 1 and threads[0] is not threading.current_thread()
     threads[0].join(timeout=HANG)
     assert not threads[0].is_alive()
+
+
+async def test_a_crashed_collector_fails_waiting_and_later_callers_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    graph = FakeGraph(gated=True)
+    async with running(graph, max_batch_rows=2) as batcher:
+        in_flight = spawn(batcher, rows(2, 0))
+        await graph.started()
+        waiting = spawn(batcher, rows(1, 10))
+        await settle()
+
+        def broken_take() -> list[Any]:
+            raise RuntimeError("a bug in the collector")
+
+        monkeypatch.setattr(batcher, "_take", broken_take)
+        graph.allow()  # the run ends, the collector takes its slot back and calls the broken _take
+        async with asyncio.timeout(HANG):
+            assert_outputs(await in_flight, rows(2, 0))  # the run in flight still delivers
+            with pytest.raises(BatcherClosed, match="collector failed with RuntimeError"):
+                await waiting
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(rows(1))
+    assert "collector of batcher 'fake' crashed" in caplog.text
+    assert "a bug in the collector" in caplog.text  # the traceback is logged

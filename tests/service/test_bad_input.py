@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import struct
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ import orjson
 import pytest
 from PIL import Image
 
+from service.errors import ServiceError
+from service.schemas import read_npy
 from tests.service.conftest import LATENT, PIXELS, image_batch, serve
 
 pytestmark = pytest.mark.anyio
@@ -51,6 +55,21 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """A minimal version 1.0 .npy header (no alignment padding), to declare what np.save never would."""
+    header = f"{{'descr':'{descr}','fortran_order':False,'shape':{shape}}}\n".encode()
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header
+
+
+def _npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, x=image_batch(1))
+    return buffer.getvalue()
+
+
+HUGE_NPY = _npy_header("<f4", (10**12, 784)).ljust(80, b"\0")  # 80 bytes declaring 3 PB of float32
+
+
 @dataclass(frozen=True)
 class Case:
     path: str
@@ -76,6 +95,7 @@ CASES = {
         "tiny/encode", 415, "body", content=b"a=1", headers={"Content-Type": "text/plain"}
     ),
     "json-body-plus-query": Case("tiny/sample?n=2", 422, "query", json={"seed": 1}),
+    "empty-json-object-plus-query": Case("tiny/sample?n=2&seed=3", 422, "query", json={}),
     # images
     "inputs-missing": Case("tiny/encode", 422, "inputs", json={"samples": 1}, says="required"),
     "inputs-empty": Case("tiny/encode", 422, "inputs", json={"inputs": []}, says="non-empty"),
@@ -181,8 +201,45 @@ CASES = {
         "tiny/encode", 422, "inputs", content=_npy(np.zeros((2, 783), np.float32)), headers=NPY
     ),
     "npy-object-dtype": Case(
-        "tiny/encode", 400, "body", content=_npy(np.array([{"a": 1}], dtype=object)), headers=NPY
+        "tiny/encode",
+        422,
+        "body",
+        content=_npy(np.array([{"a": 1}], dtype=object)),
+        headers=NPY,
+        says="numeric",
     ),
+    "npy-huge-declared-shape": Case(
+        "tiny/encode", 400, "body", content=HUGE_NPY, headers=NPY, says="declares float32[1000000000000, 784]"
+    ),
+    "npy-truncated": Case(
+        "tiny/encode", 400, "body", content=_npy(image_batch(2))[:-4], headers=NPY, says="holds 6268"
+    ),
+    "npy-trailing-bytes": Case(
+        "tiny/encode", 400, "body", content=_npy(image_batch(1)) + b"\0" * 4, headers=NPY, says="holds 3140"
+    ),
+    "npy-negative-dims": Case(
+        "tiny/encode",
+        400,
+        "body",
+        content=_npy_header("<f4", (-1, -PIXELS)) + bytes(4 * PIXELS),
+        headers=NPY,
+        says="negative",
+    ),
+    "npy-version-3": Case(
+        "tiny/encode",
+        400,
+        "body",
+        content=b"\x93NUMPY\x03\x00" + _npy(image_batch(1))[8:],
+        headers=NPY,
+        says="version 3.0",
+    ),
+    "npy-too-many-dims": Case(
+        "tiny/encode", 400, "body", content=_npy_header("<f4", (1,) * 65) + bytes(4), headers=NPY, says="65"
+    ),
+    "npy-header-not-python": Case(
+        "tiny/encode", 400, "body", content=b"\x93NUMPY\x01\x00\x05\x00{{{{\n", headers=NPY, says=".npy"
+    ),
+    "npz": Case("tiny/encode", 400, "body", content=_npz(), headers=NPY, says=".npz"),
     "npy-text-dtype": Case(
         "tiny/encode", 422, "body", content=_npy(np.array(["a"])), headers=NPY, says="numeric"
     ),
@@ -275,3 +332,19 @@ async def test_queue_full_answers_503_with_retry_after(model_dir: Path) -> None:
         assert int(refused.headers["retry-after"]) >= 1
         assert "queue is full" in refused.json()["error"]["message"]
         assert (await client.post(f"{URL}/sample", json={"n": 40, "seed": 3})).status_code == 200
+
+
+def test_no_mangled_npy_header_escapes_as_anything_but_a_4xx() -> None:
+    """numpy's header parser raises half a dozen exception types on mangled headers; each must be a 4xx."""
+    rng = np.random.default_rng(0)
+    good = _npy(image_batch(1))
+    for _ in range(3000):
+        body = bytearray(good[: rng.integers(8, 140)] if rng.random() < 0.5 else good)
+        for index in rng.integers(0, len(body), size=rng.integers(1, 4)):
+            body[index] = rng.integers(0, 256)
+        with warnings.catch_warnings():  # numpy warns about headers it has to re-parse "as Python 2"
+            warnings.simplefilter("ignore")
+            try:
+                read_npy(bytes(body))
+            except ServiceError as exc:
+                assert exc.status in (400, 422), exc

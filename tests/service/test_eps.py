@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service import operations
 from tests.service.conftest import LATENT, eps_for, f32, image_batch, serve
 
 pytestmark = pytest.mark.anyio
@@ -99,6 +100,29 @@ async def test_reconstruct_mean_equals_decode_of_mu(client: httpx.AsyncClient) -
     np.testing.assert_allclose(f32(recon["reconstructions"]), f32(decoded["samples"]), rtol=0, atol=1e-5)
     mse = ((f32(recon["reconstructions"]) - images) ** 2).reshape(3, -1).mean(axis=1)
     np.testing.assert_allclose(f32(recon["error"]), mse, rtol=1e-5)
+
+
+async def test_reconstruct_mean_draws_no_seed_and_reports_none(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mode mean decodes mu: no eps, so no seed is drawn, returned or sent as X-Seed."""
+
+    def no_draw() -> int:
+        raise AssertionError("mode mean drew a seed")
+
+    monkeypatch.setattr(operations, "draw_seed", no_draw)
+    payload = {"inputs": image_batch(2).tolist(), "mode": "mean"}
+    plain = await post(client, "reconstruct", payload)
+    assert "seed" not in plain
+    seeded = await post(client, "reconstruct", {**payload, "seed": 5})  # accepted, and changes nothing
+    assert seeded == plain
+    for accept in ("application/x-npy", "image/png"):
+        response = await client.post(f"{URL}/reconstruct", json=payload, headers={"Accept": accept})
+        assert response.status_code == 200, response.text
+        assert "x-seed" not in response.headers
+
+    sampled = await post(client, "reconstruct", {**payload, "mode": "sample", "seed": 5})
+    assert sampled["seed"] == 5
 
 
 def _merged_requests(metrics_text: str) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 
 import httpx
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 
 from service.encoding import GRID_FILL, GRID_PADDING, JSON, NPY, PNG, negotiate, npy_bytes, png_grid
 from service.errors import NotAcceptable
+from service.schemas import read_npy
 from tests.service.conftest import LATENT, f32, image_batch
 
 pytestmark = pytest.mark.anyio
@@ -51,6 +53,46 @@ def _np_save(array: np.ndarray) -> bytes:
 )
 def test_npy_bytes_are_exactly_what_np_save_writes(array: np.ndarray) -> None:
     assert npy_bytes(array) == _np_save(array)
+
+
+def _unpadded_npy(array: np.ndarray) -> bytes:
+    """A valid .npy whose data starts at an odd offset (np.save pads the header; clients need not)."""
+    header = f"{{'descr': '{array.dtype.str}', 'fortran_order': False, 'shape': {array.shape}, }}".encode()
+    header += b" " * (len(header) % 2) + b"\n"  # 10 + len(header) odd
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + array.tobytes()
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.random.default_rng(0).random((3, 784), dtype=np.float32),
+        np.asfortranarray(np.arange(3 * 784).reshape(3, 784) % 2).astype(">i2", order="F"),
+        np.arange(2 * 784, dtype=np.uint8).reshape(2, 1, 28, 28),
+        np.asfortranarray(np.random.default_rng(1).random((2, 1, 28, 28))),
+        np.zeros((0, 784), dtype=np.float32),
+    ],
+    ids=["c-float32", "fortran-big-endian-int16", "uint8-4d", "fortran-float64-4d", "empty"],
+)
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)], ids=["v1", "v2"])
+def test_read_npy_reads_what_np_save_writes(array: np.ndarray, version: tuple[int, int]) -> None:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version)
+    got = read_npy(buffer.getvalue())
+    assert got.dtype == array.dtype and got.shape == array.shape
+    assert (got.flags.c_contiguous, got.flags.f_contiguous) == (
+        array.flags.c_contiguous,
+        array.flags.f_contiguous,
+    )
+    np.testing.assert_array_equal(got, array)
+
+
+def test_read_npy_aligns_data_an_unpadded_header_left_unaligned() -> None:
+    array = np.random.default_rng(2).random((2, 784), dtype=np.float32)
+    body = _unpadded_npy(array)
+    assert np.frombuffer(body, np.uint8)[len(body) - array.nbytes :].ctypes.data % 4  # the data is unaligned
+    got = read_npy(body)
+    assert got.flags.aligned
+    np.testing.assert_array_equal(got, array)
 
 
 @pytest.mark.parametrize("op", ["sample", "decode", "reconstruct"])
@@ -145,12 +187,23 @@ async def test_npy_request_bodies_equal_json_requests(client: httpx.AsyncClient)
         await client.post(f"{URL}/encode", json={"inputs": images.tolist(), "samples": 2, "seed": 6})
     ).json()
     for array in (images, images.reshape(3, -1), (images * 255).round().astype(np.uint8)):
+        assert array.flags.c_contiguous
         response = await client.post(
             f"{URL}/encode?samples=2&seed=6", content=npy_bytes(array), headers={"Content-Type": NPY}
         )
         assert response.status_code == 200, response.text
         for name in ("mu", "z"):
             np.testing.assert_array_equal(f32(response.json()[name]), f32(as_json[name]))
+
+    binary = (images > 0.5).reshape(3, -1)  # values an int16 array can hold
+    binary_json = (await client.post(f"{URL}/encode", json={"inputs": binary.astype(float).tolist()})).json()
+    fortran_int16 = np.asfortranarray(binary.astype(">i2"))
+    assert fortran_int16.flags.f_contiguous and not fortran_int16.flags.c_contiguous
+    response = await client.post(
+        f"{URL}/encode", content=npy_bytes(fortran_int16), headers={"Content-Type": NPY}
+    )
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(f32(response.json()["mu"]), f32(binary_json["mu"]))
 
     z = np.array([[0.5, -1.0, 0.0, 2.0]], dtype=np.float32)
     decoded_npy = await client.post(
@@ -192,6 +245,12 @@ async def test_sample_parameters_in_the_query_without_a_body(client: httpx.Async
         headers={"Accept": NPY},
     )
     np.testing.assert_array_equal(load_npy(response), load_npy(from_body))
+    whitespace_body = await client.post(
+        f"{URL}/sample?n=2&seed=8&temperature=0.5&dtype=uint8",
+        content=b" \r\n\t",
+        headers={"Accept": NPY, "Content-Type": JSON},
+    )
+    np.testing.assert_array_equal(load_npy(whitespace_body), load_npy(from_body))
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.manifest import DECODER_FILE, ENCODER_FILE, MANIFEST_NAME
-from service.registry import version_key
+from service.batching import Batcher
+from service.manifest import DECODER_FILE, ENCODER_FILE, MANIFEST_NAME, read_manifest
+from service.registry import ServedModel, version_key
 from service.runtime import CPU, CUDA, ProviderUnavailable, select_providers
 from service.settings import Device
 from tests.service.conftest import (
@@ -123,6 +125,7 @@ async def test_newest_version_is_numeric_and_each_version_is_addressable(client:
     assert info["versions"] == list(VERSIONS)
     assert info["latent_dim"] == LATENT and info["input_shape"] == [1, 28, 28]
     assert info["providers"] == [CPU]
+    assert info["graph_providers"] == {"encoder": [CPU], "decoder": [CPU]}
     assert {"name", "likelihood", "dataset", "metrics", "architecture"} <= info.keys()
     pinned = (await client.get("/v1/models/tiny/versions/2")).json()
     assert pinned["version"] == "2"
@@ -161,6 +164,49 @@ def test_select_providers(device: Device, available: list[str], expected: list[s
 def test_cuda_without_cuda_provider_fails_loudly() -> None:
     with pytest.raises(ProviderUnavailable, match="onnxruntime-gpu"):
         select_providers("cuda", [CPU])
+
+
+async def test_sessions_fail_instead_of_falling_back_to_cpu_inside_a_run(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime's run() would otherwise rebuild a session on CPU after a provider error, under the
+    other run in flight; every session the service creates has that fallback switched off."""
+    created: list[ort.InferenceSession] = []
+
+    class Recorded(ort.InferenceSession):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(ort, "InferenceSession", Recorded)
+    async with serve(model_dir) as client:
+        assert (await client.get("/readyz")).status_code == 200
+    assert len(created) == 2 * len(VERSIONS)  # an encoder and a decoder per version
+    assert [session._enable_fallback for session in created] == [False] * len(created)
+
+
+async def test_each_graphs_providers_are_logged_and_reported(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service.registry"):
+        async with serve(model_dir):
+            pass
+    assert f"model tiny/{NEWEST} loaded from" in caplog.text
+    assert f"encoder on ['{CPU}'], decoder on ['{CPU}']" in caplog.text
+
+
+def test_providers_are_both_graphs_best_first(model_dir: Path) -> None:
+    def batcher() -> Batcher:
+        return Batcher(lambda x: [x], name="fake", max_batch_rows=1, window_ms=0, max_queue_rows=1)
+
+    served = ServedModel(
+        manifest=read_manifest(model_dir / "tiny" / NEWEST),
+        path=model_dir / "tiny" / NEWEST,
+        graph_providers={"encoder": [CPU], "decoder": [CUDA, CPU]},
+        encoder=batcher(),
+        decoder=batcher(),
+    )
+    assert served.providers == [CUDA, CPU]
 
 
 async def test_device_cuda_refuses_to_start_without_a_gpu(model_dir: Path) -> None:

@@ -1,12 +1,13 @@
-"""Settings: no prefix, validated at start, defaults that do not oversubscribe the cores."""
+"""Settings: no prefix, validated at start, cores not oversubscribed, documented as they are."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from service.__main__ import logging_config
 from service.settings import Settings, usable_cpus
@@ -68,3 +69,51 @@ def test_logging_config_adds_the_service_logger() -> None:
     config = logging_config("warning")
     assert config["loggers"]["service"]["level"] == "WARNING"
     assert "uvicorn" in config["loggers"]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+FIELDS = {name.upper(): field for name, field in Settings.model_fields.items()}
+
+
+def _as_default(name: str, text: str) -> object:
+    """A documented default, parsed the way the environment's string would be."""
+    annotation = FIELDS[name].annotation
+    assert annotation is not None
+    return TypeAdapter(annotation).validate_python(text)
+
+
+def _readme_table() -> dict[str, str]:
+    """README.md's configuration table: variable -> the first `code` in its default column."""
+    section = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)`", section, flags=re.MULTILINE))
+
+
+def _env_example() -> dict[str, str]:
+    """.env.example's `NAME=value` lines, commented out or not."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return {m[1]: m[2] for line in lines if (m := re.fullmatch(r"#? ?([A-Z][A-Z0-9_]*)=(.*)", line))}
+
+
+@pytest.mark.parametrize("source", [_readme_table, _env_example], ids=["readme-table", "env-example"])
+def test_every_setting_is_documented_with_its_default(source: Any) -> None:
+    documented: dict[str, str] = source()
+    assert FIELDS.keys() <= documented.keys(), f"missing: {sorted(FIELDS.keys() - documented.keys())}"
+    if source is _readme_table:  # the table lists settings only; .env.example has compose's variables too
+        assert documented.keys() <= FIELDS.keys(), (
+            f"not settings: {sorted(documented.keys() - FIELDS.keys())}"
+        )
+    wrong = {
+        name: (documented[name], FIELDS[name].default)
+        for name in FIELDS
+        if _as_default(name, documented[name]) != FIELDS[name].default
+    }
+    assert not wrong, f"documented vs real defaults: {wrong}"
+
+
+def test_env_example_works_uncommented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every line of .env.example, uncommented, is accepted and changes nothing."""
+    for name in FIELDS:
+        monkeypatch.delenv(name, raising=False)
+    env = tmp_path / ".env"
+    env.write_text("".join(f"{name}={value}\n" for name, value in _env_example().items()))
+    assert Settings(_env_file=env) == Settings(_env_file=None)
