@@ -1,6 +1,6 @@
 """Serving benchmark (issue 5): the service under wrk beside its peers, its ceiling and its floor, in one run.
 
-    .venv/bin/python -m bench.serve_bench                     # full run, about 14 minutes
+    .venv/bin/python -m bench.serve_bench                     # full run, about 17 minutes
     .venv/bin/python -m bench.serve_bench --duration 3 --concurrency 1,64   # a quick look
 
 Run from the repository root. It measures, on one server core and one onnxruntime thread:
