@@ -6,6 +6,7 @@ list every one with its default, by hand; tests/service/test_settings.py checks 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal, Self
@@ -17,12 +18,37 @@ Device = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on: respects `taskset`/cgroup CPU affinity, unlike `os.cpu_count()`."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs' worth of time the CFS quota allows (`docker run --cpus`, compose `limits.cpus`), or None if none.
+
+    A container sees its own cgroup at `root`: cgroup v2's cpu.max ("200000 100000" or "max 100000"), else
+    v1's cpu/cpu.cfs_quota_us and cpu.cfs_period_us (quota -1: unlimited).
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        quota, period = (root / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cpus() -> int:
+    """CPUs this process can keep busy: its affinity (`taskset`, cpusets), unlike `os.cpu_count()`, capped by a
+    CFS quota, which limits time, not cores: 64 threads under a 2-CPU quota on a 64-core host get throttled."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cpu_quota()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
 
 
 class Settings(BaseSettings):

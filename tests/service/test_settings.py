@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from service import settings as settings_module
 from service.__main__ import logging_config
-from service.settings import Settings, usable_cpus
+from service.settings import Settings, cpu_quota, usable_cpus
 
 
 def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -24,6 +25,37 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.inter_op_threads == 1
     assert (settings.max_batch, settings.max_samples, settings.max_batch_rows) == (256, 1024, 256)
     assert settings.batch_window_ms == 2.0
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2.0),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+    ids=["v2-2cpus", "v2-1.5cpus", "v2-unlimited", "v1-half", "v1-unlimited", "no-cgroup"],
+)
+def test_cpu_quota_reads_cgroup_v2_and_v1(
+    tmp_path: Path, files: dict[str, str], expected: float | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == expected
+
+
+@pytest.mark.parametrize(("quota", "expected"), [(None, 8), (2.0, 2), (1.5, 2), (0.5, 1), (64.0, 8)])
+def test_usable_cpus_is_the_affinity_capped_by_the_quota(
+    monkeypatch: pytest.MonkeyPatch, quota: float | None, expected: int
+) -> None:
+    """compose's `limits.cpus: 2` on a many-core host: 2 threads, not one per core to be throttled."""
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(settings_module, "cpu_quota", lambda: quota)
+    assert usable_cpus() == expected
 
 
 def test_environment_without_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
