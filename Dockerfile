@@ -8,7 +8,8 @@
 # seconds. pyproject.toml stays the one list of dependencies (docker/requirements.py reads it).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# onnxruntime-gpu 1.31 on PyPI is built for CUDA 13 and cuDNN 9: the base must carry the same majors.
+# onnxruntime-gpu 1.31 on PyPI (pinned in pyproject.toml's gpu extra) is built for CUDA 13 and cuDNN 9: the
+# base must carry the same majors. CUDA 13 needs an NVIDIA driver R580 or newer on the host.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------- serving dependencies (CPU)
@@ -16,10 +17,14 @@ FROM ${PYTHON_IMAGE} AS serve-deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml /src/pyproject.toml
 COPY docker/requirements.py /src/docker/requirements.py
+# pip and setuptools are not needed to serve. The bytecode stays, compiled so that it is used whatever the
+# files' timestamps: without it every start (each worker, each restart) compiles the stack anew, as the
+# image's user cannot write it (importing the service: 1.5-1.6 s without, 0.8 s with; +19 MB).
 RUN python -m venv /opt/venv \
  && python /src/docker/requirements.py serve > /src/requirements.txt \
- && /opt/venv/bin/pip install -r /src/requirements.txt \
- && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +
+ && /opt/venv/bin/pip install --no-compile -r /src/requirements.txt \
+ && /opt/venv/bin/pip uninstall -y -q pip setuptools \
+ && /opt/venv/bin/python -m compileall -q -j 0 --invalidation-mode unchecked-hash /opt/venv/lib
 
 # ---------------------------------------------------------------- training + export
 FROM ${PYTHON_IMAGE} AS train
@@ -80,6 +85,7 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MALLOC
     MODEL_DIR=/app/models HOST=0.0.0.0 PORT=8000 DEVICE=cpu
 WORKDIR /app
 COPY service/ /app/service/
+RUN python -m compileall -q --invalidation-mode unchecked-hash /app/service
 COPY models/ /app/models/
 USER 10001:10001
 EXPOSE 8000
