@@ -8,8 +8,16 @@ uvicorn drains connections and runs the lifespan's shutdown; after a SIGTERM the
 from __future__ import annotations
 
 import copy
+import logging
+import logging.config
+import os
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -27,6 +35,36 @@ def logging_config(level: str) -> dict[str, Any]:
     return config
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextmanager
+def worker_metrics(workers: int) -> Iterator[Path | None]:
+    """With several workers, a shared directory for prometheus-client's multiprocess mode, so that /metrics
+    counts every worker's requests rather than those of whichever worker answers the scrape.
+
+    A directory given in PROMETHEUS_MULTIPROC_DIR is emptied first (stale files from an earlier run would be
+    added in); otherwise a temporary one is made for this run and removed after it. Workers inherit it
+    through the environment, which prometheus-client reads at import.
+    """
+    if workers == 1:
+        yield None
+        return
+    given = os.environ.get(MULTIPROC_ENV)
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="vae-serving-metrics-"))
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(path)
+    logging.getLogger("service").info("metrics of %d workers aggregated in %s", workers, path)
+    try:
+        yield path
+    finally:
+        if not given:
+            shutil.rmtree(path, ignore_errors=True)
+            del os.environ[MULTIPROC_ENV]
+
+
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     """uvicorn (>= 0.29) re-raises SIGTERM after its graceful shutdown, which would make the exit status
     -15; it re-raises into the handler it found, this one, so an orchestrator's stop reads as success."""
@@ -39,16 +77,19 @@ def main() -> None:
     except ValidationError as exc:
         sys.exit(f"invalid settings:\n{exc}")
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
-        "service.app:app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        log_config=logging_config(settings.log_level),
-        access_log=settings.access_log,
-    )
+    config = logging_config(settings.log_level)
+    logging.config.dictConfig(config)
+    with worker_metrics(settings.workers):
+        uvicorn.run(
+            "service.app:app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            log_config=config,
+            access_log=settings.access_log,
+        )
 
 
 if __name__ == "__main__":

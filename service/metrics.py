@@ -1,7 +1,7 @@
 """Prometheus metrics: one registry per app (so tests can build many apps), fed by a pure ASGI middleware.
 
-With WORKERS > 1 every worker process keeps its own registry, so a scrape would see one worker at random.
-Set PROMETHEUS_MULTIPROC_DIR to an empty, writable directory (cleared before each start) and /metrics
+With WORKERS > 1 every worker process keeps its own registry, so a scrape would see one worker at random:
+`python -m service` then sets PROMETHEUS_MULTIPROC_DIR (see `service.__main__.worker_metrics`) and /metrics
 aggregates all workers through prometheus-client's multiprocess collector instead.
 """
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.manifest import read_manifest
 from tests.service.conftest import f32, serve
@@ -37,11 +38,14 @@ class _Output:
         for line in stream:  # type: ignore[attr-defined]
             self.lines.append(line)
 
-    def wait_for(self, pattern: str, process: subprocess.Popen[str], timeout: float) -> re.Match[str]:
+    def wait_for(
+        self, pattern: str, process: subprocess.Popen[str], timeout: float, joined: bool = False
+    ) -> re.Match[str]:
+        """The first line matching `pattern` (or, `joined`, the first match in the whole output so far)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.lines:
-                if match := re.search(pattern, line):
+            for line in [self.text] if joined else self.lines:
+                if match := re.search(pattern, line, re.DOTALL):
                     return match
             if process.poll() is not None:
                 break
@@ -56,17 +60,31 @@ class _Output:
         return "".join(self.lines)
 
 
+def _sample_requests_counted(client: httpx.Client) -> float:
+    """vae_requests_total over every label set with endpoint="sample", from one scrape of /metrics."""
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return sum(
+        sample.value
+        for family in families
+        if family.name == "vae_requests"
+        for sample in family.samples
+        if sample.name == "vae_requests_total" and sample.labels.get("endpoint") == "sample"
+    )
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
 def test_uvicorn_process_serves_over_tcp_and_stops_cleanly_on_sigterm(
-    model_dir: Path, tmp_path: Path
+    model_dir: Path, tmp_path: Path, workers: int
 ) -> None:
+    """With 2 workers, /metrics counts both workers' requests, whichever worker answers the scrape."""
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "MODEL_DIR": str(model_dir),
         "HOST": "127.0.0.1",
         "PORT": "0",  # the kernel picks a free port; uvicorn logs which
-        "WORKERS": "1",
+        "WORKERS": str(workers),
         "INTRA_OP_THREADS": "1",
         "LOG_LEVEL": "info",
     }
@@ -77,11 +95,16 @@ def test_uvicorn_process_serves_over_tcp_and_stops_cleanly_on_sigterm(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: a failing test stops the workers too
     ) as process:
         output = _Output(process)
         try:
             port = int(
                 output.wait_for(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", process, timeout=60)[1]
+            )
+            # with several workers the parent binds the port and each worker listens once it has started
+            output.wait_for(
+                f"(Application startup complete.*){{{workers}}}", process, timeout=60, joined=True
             )
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
                 assert client.get("/healthz").json() == {"status": "ok"}
@@ -90,15 +113,29 @@ def test_uvicorn_process_serves_over_tcp_and_stops_cleanly_on_sigterm(
                 assert sampled.status_code == 200
                 assert f32(sampled.json()["samples"]).shape == (2, 1, 28, 28)
                 assert client.post("/v1/models/tiny/sample", json={"n": 0}).status_code == 422
+            if workers > 1:  # a new connection per request, so that the kernel spreads them over the workers
+                url = f"http://127.0.0.1:{port}"
+                with httpx.Client(
+                    base_url=url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)
+                ) as c:
+                    before = _sample_requests_counted(c)
+                    for seed in range(20):
+                        assert (
+                            c.post("/v1/models/tiny/sample", json={"n": 1, "seed": seed}).status_code == 200
+                        )
+                    assert [_sample_requests_counted(c) - before for _ in range(6)] == [20.0] * 6
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0, output.text
         finally:
             if process.poll() is None:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
             output.join()
     assert "model tiny/10 loaded" in output.text
     assert "Application shutdown complete" in output.text
+    if workers > 1:
+        metrics_dir = re.search(r"metrics of 2 workers aggregated in (\S+)", output.text)
+        assert metrics_dir is not None and not Path(metrics_dir[1]).exists()  # removed at exit
 
 
 def _test_images(count: int) -> np.ndarray:
