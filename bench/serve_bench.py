@@ -3,10 +3,11 @@
     .venv/bin/python -m bench.serve_bench                     # full run, about 17 minutes
     .venv/bin/python -m bench.serve_bench --duration 3 --concurrency 1,64   # a quick look
 
-Run from the repository root. It measures, on one server core and one onnxruntime thread:
+Run from the repository root. It measures, on one server core and (by default) one onnxruntime thread:
 
 - ceiling   the same ONNX graphs in-process (`InferenceSession.run` in a loop, the service's session
-            options): decoder at batch 1 and 256, encoder at batch 64;
+            options and --intra-op-threads/--inter-op-threads): decoder at batch 1 and 256, encoder at
+            batch 64;
 - service   `python -m service` with batching on (the default BATCH_WINDOW_MS, or --window-ms);
 - service, batching off   the same with BATCH_WINDOW_MS=0;
 - naive     `bench/peer_naive.py`: FastAPI returning a dict, one `session.run` per request;
@@ -16,17 +17,21 @@ Each server runs alone, pinned with `taskset` to --server-cpu, with uvicorn's ac
 MALLOC_MMAP_THRESHOLD_ as --mmap-threshold says; wrk (one thread) is pinned to --client-cpu and sweeps the
 connection counts for each request: `sample` n=1, `sample` n=256 as JSON (float32, and `"dtype": "uint8"`)
 and as .npy (`Accept: application/x-npy`), and `encode` of 64 Fashion-MNIST test images as JSON. Per point it reports
-requests/s, samples/s, p50, p99, errors (socket errors, timeouts and HTTP statuses >= 400), the server's
-CPU use (/proc/PID/stat, all its processes) and, for the service, the mean number of requests merged per
-onnxruntime run (the change in `/metrics`' batch histograms over the point). RSS is read after warm-up
-and after the sweep.
+requests/s, samples/s, p50, p99 (marked † where wrk's end-of-run cut makes them understate), errors
+(socket errors, timeouts and HTTP statuses >= 400), the server's CPU use (/proc/PID/stat, all its
+processes) and, for the service, the mean number of requests merged per onnxruntime run (the change in
+`/metrics`' vae_batch_requests histogram over the point). RSS is read after warm-up and after the sweep.
 
-Then the goals that are ratios of two rates (service / no-op floor, batching on / off, service / in-process
-decoder) are measured side by side: both contenders up at once on the server core, taking turns for
---rounds rounds of --round-seconds each, the ratio being the median of the rounds' ratios. This machine's
-speed drifts by 10-20% over minutes, so a ratio of two sweep points taken minutes apart would mostly
-measure the drift. The markdown report (sweep table, side-by-side table, memory) is printed and written
-to --out, followed by the goals of issue 5 as PASS/FAIL lines.
+Then the goals that are ratios of two rates (service / naive peer, service / no-op floor, batching on / off,
+service / in-process decoder) are measured side by side: the servers up at once on the server core, the
+two contenders taking turns (ABBA) for --rounds rounds of --round-seconds each, the ratio being the median
+of the rounds' ratios. This machine's speed drifts by 10-20% over minutes, so a ratio of two sweep points
+taken minutes apart would mostly measure the drift. The markdown report (sweep table, side-by-side table,
+memory) is printed and written to --out, followed by every goal of issue 5 on one line: PASS, FAIL, INFO
+(measured, no goal) or SKIP with the reason it was not measured.
+
+Exit status: 1 when a phase hit an error (a server's sweep, or the side-by-side phase), else 0; a goal
+that FAILs is a result, not an error.
 
 The model is the newest version of the first (or --model) name under --model-dir (default `models`);
 if there is none, a stand-in with the same shapes (`bench/serve_standin.py`) is written to a temp dir.
@@ -40,7 +45,6 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import sys
@@ -48,11 +52,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.serve_load import (
     Load,
@@ -67,7 +72,6 @@ from bench.serve_load import (
     run_wrk,
     wait_idle,
 )
-from bench.serve_standin import write_standin
 from service.manifest import DECODER_INPUT, ENCODER_INPUT, MANIFEST_NAME, Manifest, read_manifest
 
 MMAP_THRESHOLD = 0
@@ -77,6 +81,17 @@ cost 12.1 ms of CPU as JSON and 5.7 ms as .npy with 262144 (or 1048576), against
 Pass --mmap-threshold 262144 to trade that CPU for flatter RSS."""
 FASHION_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 NPY = "application/x-npy"
+REQUESTS = ("sample1", "sample256-json", "sample256-u8", "sample256-npy", "encode64")
+"""The requests --requests chooses from (keys of `scenarios`, which also has the no-op floor's "noop")."""
+BATCH_REQUESTS = "vae_batch_requests"
+"""service/metrics.py's histogram of requests merged per onnxruntime run, one label set per graph."""
+CEILING = "ceiling"
+"""A `Side.server` that is no server: the in-process ceiling."""
+TRUNCATED = (
+    "† wrk drops the requests still in flight when a point ends, without counting them, so where latency "
+    "nears the point's length (p99 at least half of it, or connections / req/s beyond it) the slowest "
+    "requests go unrecorded and p50/p99 understate."
+)
 
 
 @dataclass(frozen=True)
@@ -99,16 +114,8 @@ class ServerSpec:
 
 
 SERVERS = {
-    "service": ServerSpec(
-        "service",
-        "service, batching on",
-        ("sample1", "sample256-json", "sample256-u8", "sample256-npy", "encode64"),
-    ),
-    "service-nobatch": ServerSpec(
-        "service-nobatch",
-        "service, batching off",
-        ("sample1", "sample256-json", "sample256-u8", "sample256-npy", "encode64"),
-    ),
+    "service": ServerSpec("service", "service, batching on", REQUESTS),
+    "service-nobatch": ServerSpec("service-nobatch", "service, batching off", REQUESTS),
     "naive": ServerSpec("naive", "naive peer", ("sample1", "sample256-json", "encode64")),
     "noop": ServerSpec("noop", "no-op floor", ("noop",)),
 }
@@ -135,6 +142,11 @@ class Point:
     def per_cpu_second(self) -> float:
         """Successful requests per second of server CPU: req/s with a core to itself, whatever else runs."""
         return self.load.rps * self.load.seconds / self.cpu_s if self.cpu_s else 0.0
+
+    @property
+    def truncated(self) -> bool:
+        """Whether wrk's end-of-run cut makes this point's percentiles understate (`Load.truncated`)."""
+        return self.load.truncated(self.connections)
 
 
 @dataclass
@@ -176,8 +188,9 @@ def fashion_test_images(count: int, size: int) -> np.ndarray:
     return np.random.default_rng(0).random((count, size))
 
 
-def scenarios(manifest: Manifest) -> dict[str, Scenario]:
-    images = fashion_test_images(64, manifest.input_size).round(4).tolist()
+def scenarios(input_size: int) -> dict[str, Scenario]:
+    """Every request of REQUESTS, and the no-op floor's, for a model of `input_size` values per image."""
+    images = fashion_test_images(64, input_size).round(4).tolist()
     sample1 = json.dumps({"n": 1, "seed": 1}).encode()
     sample256 = json.dumps({"n": 256, "seed": 1}).encode()
     sample256_u8 = json.dumps({"n": 256, "seed": 1, "dtype": "uint8"}).encode()
@@ -220,9 +233,19 @@ def pinned_to(cpu: int | None) -> Iterator[None]:
 
 
 class Ceiling:
-    """The same ONNX graphs run in a loop in this process, on the server's core, one onnxruntime thread."""
+    """The same ONNX graphs run in a loop in this process, on the server's core, with the servers' session
+    options and onnxruntime thread counts. --mmap-threshold does not reach it: glibc reads
+    MALLOC_MMAP_THRESHOLD_ at process start, and this process has started already."""
 
-    def __init__(self, version_dir: Path, manifest: Manifest, graphs: set[str], cpu: int | None) -> None:
+    def __init__(
+        self,
+        version_dir: Path,
+        manifest: Manifest,
+        graphs: set[str],
+        cpu: int | None,
+        intra_op_threads: int,
+        inter_op_threads: int,
+    ) -> None:
         import onnxruntime as ort
 
         from service.runtime import session_options
@@ -233,10 +256,11 @@ class Ceiling:
             "encoder": (ENCODER_INPUT, manifest.input_shape),
         }
         files = {"decoder": manifest.files.decoder.path, "encoder": manifest.files.encoder.path}
+        options = session_options(intra_op_threads, inter_op_threads)
         with pinned_to(cpu):
             self.sessions = {
                 graph: ort.InferenceSession(
-                    str(version_dir / files[graph]), session_options(1, 1), providers=["CPUExecutionProvider"]
+                    str(version_dir / files[graph]), options, providers=["CPUExecutionProvider"]
                 )
                 for graph in graphs
             }
@@ -275,15 +299,15 @@ def check_response(scenario: Scenario, data: bytes) -> None:
         raise RuntimeError(f"{scenario.label}: expected {scenario.rows} rows, got {rows}")
 
 
-_BATCH_LINE = re.compile(r"^(\w*batch\w*request\w*)_(sum|count)(\{[^}]*\})?\s+(\S+)$", re.MULTILINE)
-
-
 def merged_totals(metrics_text: str) -> tuple[float, float]:
-    """(sum, count) over every label set of the service's requests-merged-per-run histogram(s)."""
-    totals = {"sum": 0.0, "count": 0.0}
-    for match in _BATCH_LINE.finditer(metrics_text):
-        totals[match[2]] += float(match[4])
-    return totals["sum"], totals["count"]
+    """(sum, count) of BATCH_REQUESTS over all its label sets (graphs, models) in a /metrics text."""
+    totals = {f"{BATCH_REQUESTS}_sum": 0.0, f"{BATCH_REQUESTS}_count": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == BATCH_REQUESTS:
+            for sample in family.samples:
+                if sample.name in totals:
+                    totals[sample.name] += sample.value
+    return totals[f"{BATCH_REQUESTS}_sum"], totals[f"{BATCH_REQUESTS}_count"]
 
 
 def launch(
@@ -378,21 +402,29 @@ def sweep_server(
                     merged_after = merged_totals(http("GET", metrics_url).decode())
                     runs = merged_after[1] - merged_before[1]
                     merged = (merged_after[0] - merged_before[0]) / runs if runs else None
-                run.points.append(Point(scenario, connections, load, cpu_s, merged, sizes[scenario.key]))
+                point = Point(scenario, connections, load, cpu_s, merged, sizes[scenario.key])
+                run.points.append(point)
                 print(
                     f"  {spec.label:22} {scenario.label:24} c={connections:<3} {load.rps:9.0f} req/s  "
-                    f"p50 {load.p50_ms:8.2f} ms  p99 {load.p99_ms:8.2f} ms  "
+                    f"p50 {load.p50_ms:8.2f} ms  p99 {load.p99_ms:8.2f} ms"
+                    f"{'†' if point.truncated else ' '} "
                     f"errors {load.http_errors} HTTP, {load.socket_errors} socket",
                     flush=True,
                 )
                 wait_idle(server.pid)
         run.rss_end = rss_bytes(server.pid)
     except (RuntimeError, OSError) as error:
-        run.error = str(error).strip().splitlines()[0]
+        run.error = brief(error)
         print(f"  {spec.label}: {error}", file=sys.stderr, flush=True)
     finally:
         server.stop()
     return run
+
+
+def brief(error: Exception) -> str:
+    """An error's first line, for the report; the whole of it (a server's log tail, say) goes to stderr."""
+    lines = str(error).strip().splitlines()
+    return lines[0].rstrip(":") + (" (the rest on stderr)" if len(lines) > 1 else "")
 
 
 def wrk_for(url: str, scenario: Scenario, connections: int, seconds: float, args: argparse.Namespace) -> Load:
@@ -411,13 +443,93 @@ def wrk_for(url: str, scenario: Scenario, connections: int, seconds: float, args
 
 
 @dataclass(frozen=True)
+class Side:
+    """One contender of a comparison: wrk against a server, or the in-process ceiling."""
+
+    server: str  # a SERVERS key, or CEILING (which runs the request's graph at the request's batch)
+    request: str  # a `scenarios` key
+    connections: int = 0  # wrk's connections (none for the ceiling)
+    samples: bool = False  # the rate in samples/s rather than requests/s
+
+
+@dataclass(frozen=True)
 class PairGoal:
     """One of issue 5's ratio goals, measured in alternation (`serve_load.alternate`)."""
 
     text: str  # "what, conditions: A / B (unit)"
     goal: float | None  # the least ratio A / B the goal accepts; None: no goal, measured to inform one
-    result: Paired
-    errors: int  # HTTP and socket errors over both contenders' rounds
+    a: Side
+    b: Side
+    result: Paired | None = None
+    errors: int = 0  # HTTP and socket errors over both contenders' rounds
+    missing: str | None = None  # why there is no result
+
+    def show(self, ratio: float) -> str:
+        """A ratio the way its goal reads: "3.00x" against a goal of 1.5 or more, else a percentage."""
+        return f"{ratio:.2f}x" if self.goal is not None and self.goal >= 1.5 else f"{ratio:.0%}"
+
+
+def unmeasured(args: argparse.Namespace, server: str, request: str) -> str | None:
+    """Why --servers and --requests leave `request` on `server` out of this run, if they do."""
+    if server == CEILING:
+        return None
+    if server not in args.servers:
+        return f"{server} not in --servers"
+    if request in REQUESTS and request not in args.requests:
+        return f"{request} not in --requests"
+    if request not in SERVERS[server].scenarios:
+        return f"{server} does not serve {request}"
+    return None
+
+
+def comparisons(
+    args: argparse.Namespace, runs: dict[str, ServerRun], all_scenarios: dict[str, Scenario]
+) -> list[PairGoal]:
+    """Issue 5's ratio goals in the order they are measured, with `missing` set on those that this run's
+    --servers, --requests or sweep leave out."""
+    planned: list[PairGoal] = []
+
+    def add(text: str, goal: float | None, a: Side, b: Side, missing: str | None = None) -> None:
+        why = unmeasured(args, a.server, a.request) or unmeasured(args, b.server, b.request) or missing
+        planned.append(PairGoal(text, goal, a, b, missing=why))
+
+    add(
+        "sample n=1, c=64: batching on / naive peer (req/s)",
+        3.0,
+        Side("service", "sample1", 64),
+        Side("naive", "sample1", 64),
+    )
+    add(
+        "sample n=1, c=64: batching on / no-op floor (req/s)",
+        0.75,
+        Side("service", "sample1", 64),
+        Side("noop", "noop", 64),
+    )
+    for key in REQUESTS:
+        add(
+            f"{all_scenarios[key].label}, c=1: batching on / off (req/s)",
+            0.95,
+            Side("service", key, 1),
+            Side("service-nobatch", key, 1),
+        )
+    # uint8 JSON has no goal of its own: it shows what the compact form does against the JSON one
+    service = runs.get("service")
+    for key, goal in (("sample256-json", 0.35), ("sample256-u8", None), ("sample256-npy", 0.70)):
+        scenario = all_scenarios[key]
+        points = [p for p in service.points if p.scenario.key == key] if service else []
+        best = max(points, key=lambda p: p.samples_per_s).connections if points else 0
+        where = f"c={best} (the sweep's best)" if best else "the sweep's best c"
+        add(
+            f"{scenario.label}, {where}: service / in-process {scenario.graph} at batch {scenario.batch} "
+            "(samples/s)",
+            goal,
+            Side("service", key, best, samples=True),
+            Side(CEILING, key, samples=True),
+            None
+            if points
+            else "no sweep point" + (f": {service.error}" if service and service.error else ""),
+        )
+    return planned
 
 
 def side_by_side(
@@ -427,15 +539,20 @@ def side_by_side(
     scratch: Path,
     model: str,
     all_scenarios: dict[str, Scenario],
-    runs: dict[str, ServerRun],
+    planned: list[PairGoal],
     ceilings: Ceiling,
-) -> list[PairGoal]:
-    """The goals that compare two rates, with the servers up at once (idle but for the one under load)."""
-    keys = [key for key in ("service", "service-nobatch", "noop") if key in args.servers]
+) -> tuple[list[PairGoal], str | None]:
+    """Measure the planned comparisons that can be, with their servers up at once (idle but for the one under
+    load). Returns all of them, and the error that stopped the phase if one did: the comparisons it left
+    unmeasured carry that error as `missing`."""
+    pairs = list(planned)
+    keys = [
+        key for key in SERVERS if any(key in (p.a.server, p.b.server) for p in pairs if p.missing is None)
+    ]
     servers: dict[str, Server] = {}
     bases: dict[str, str] = {}
-    pairs: list[PairGoal] = []
     errors = 0
+    phase_error = None
     try:
         for key in keys:
             port = free_port()
@@ -445,66 +562,47 @@ def side_by_side(
         for key, server in servers.items():
             server.wait_ready(f"{bases[key]}/readyz")
 
-        def load(key: str, scenario_key: str, connections: int, *, samples: bool = False) -> Rate:
-            """wrk's rate for one request at one connection count: requests/s, or samples/s."""
-            scenario = all_scenarios[scenario_key]
-            url = f"{bases[key]}/v1/models/{model}/{scenario.endpoint}"
+        def rate(side: Side) -> Rate:
+            """The measurement of one side, warmed up: requests/s or samples/s over about `seconds`."""
+            scenario = all_scenarios[side.request]
+            if side.server == CEILING:
+                return lambda seconds: ceilings.rate(scenario.graph, scenario.batch, seconds)
+            url = f"{bases[side.server]}/v1/models/{model}/{scenario.endpoint}"
 
-            def rate(seconds: float) -> float:
+            def measure(seconds: float) -> float:
                 nonlocal errors
-                measured = wrk_for(url, scenario, connections, seconds, args)
+                measured = wrk_for(url, scenario, side.connections, seconds, args)
                 errors += measured.errors
-                wait_idle(servers[key].pid)
-                return measured.rps * scenario.rows if samples else measured.rps
+                wait_idle(servers[side.server].pid)
+                return measured.rps * scenario.rows if side.samples else measured.rps
 
-            rate(args.warmup)  # a fresh process: warm up what this rate will run
-            return rate
+            measure(args.warmup)  # a fresh process: warm up what this rate will run
+            return measure
 
-        def pair(text: str, goal: float | None, a: Rate, b: Rate) -> None:
+        for i, pair in enumerate(pairs):
+            if pair.missing is not None:
+                continue
+            a, b = rate(pair.a), rate(pair.b)
             errors_before = errors
             result = alternate(a, b, rounds=args.rounds, seconds=args.round_seconds)
-            pairs.append(PairGoal(text, goal, result, errors - errors_before))
+            pairs[i] = replace(pair, result=result, errors=errors - errors_before)
             rounds = ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in zip(result.a, result.b, strict=True))
-            print(f"  {text}: {result.ratio:.0%} ({result.spread()}: {rounds})", flush=True)
-
-        if {"service", "noop"} <= servers.keys() and "sample1" in args.requests:
-            pair(
-                "sample n=1, c=64: batching on / no-op floor (req/s)",
-                0.75,
-                load("service", "sample1", 64),
-                load("noop", "noop", 64),
+            print(
+                f"  {pair.text}: {pair.show(result.ratio)} ({result.spread(pair.show)}: {rounds})", flush=True
             )
-        if {"service", "service-nobatch"} <= servers.keys():
-            for key in args.requests:
-                label = all_scenarios[key].label
-                pair(
-                    f"{label}, c=1: batching on / off (req/s)",
-                    0.95,
-                    load("service", key, 1),
-                    load("service-nobatch", key, 1),
-                )
-        if "service" in servers:
-            # uint8 JSON has no goal of its own: it shows what the compact form does against the JSON one
-            for key, goal in (("sample256-json", 0.35), ("sample256-u8", None), ("sample256-npy", 0.70)):
-                points = (
-                    [p for p in runs["service"].points if p.scenario.key == key] if "service" in runs else []
-                )
-                if key not in args.requests or not points:
-                    continue
-                best = max(points, key=lambda p: p.samples_per_s).connections
-                pair(
-                    f"{all_scenarios[key].label}, c={best} (the sweep's best): service / in-process decoder "
-                    "at batch 256 (samples/s)",
-                    goal,
-                    load("service", key, best, samples=True),
-                    lambda seconds: ceilings.rate("decoder", 256, seconds),
-                )
     except (RuntimeError, OSError) as error:
+        phase_error = brief(error)
         print(f"  side by side: {error}", file=sys.stderr, flush=True)
+        pairs = [
+            replace(p, missing=f"not measured: {phase_error}")
+            if p.result is None and p.missing is None
+            else p
+            for p in pairs
+        ]
     finally:
         for server in servers.values():
             server.stop()
-    return pairs
+    return pairs, phase_error
 
 
 # --- report ---------------------------------------------------------------------------------------------
@@ -518,71 +616,139 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
-def goals(runs: dict[str, ServerRun], pairs: list[PairGoal]) -> list[str]:
-    """Issue 5's goals, one PASS/FAIL/SKIP line each: ratios of two rates from the side-by-side rounds,
-    the rest from the sweep."""
+def no_point(
+    args: argparse.Namespace, runs: dict[str, ServerRun], server: str, request: str, connections: int
+) -> str:
+    """Why the sweep has no point for `request` on `server` at `connections`."""
+    if why := unmeasured(args, server, request):
+        return why
+    if connections not in args.concurrency:
+        return f"c={connections} not in --concurrency"
+    run = runs.get(server)
+    return f"not measured: {run.error}" if run and run.error else "not measured"
+
+
+def goals(args: argparse.Namespace, runs: dict[str, ServerRun], pairs: list[PairGoal]) -> list[str]:
+    """Every goal of issue 5 on one line: PASS or FAIL, INFO (measured, no goal), or SKIP and why it was not
+    measured. The ratios of two rates come from the side-by-side rounds, the rest from the sweep."""
     lines: list[str] = []
 
-    def verdict(ok: bool | None, text: str, unmeasured: str = "SKIP") -> None:
-        lines.append(f"{unmeasured if ok is None else 'PASS' if ok else 'FAIL'}  {text}")
+    def verdict(ok: bool | None, text: str) -> None:
+        lines.append(f"{'INFO' if ok is None else 'PASS' if ok else 'FAIL'}  {text}")
 
-    def at(server: str, scenario: str, connections: int) -> Point | None:
-        run = runs.get(server)
-        return run.point(scenario, connections) if run else None
+    def skip(text: str, why: str) -> None:
+        lines.append(f"SKIP  {text}: {why}")
 
-    on, naive = at("service", "sample1", 64), at("naive", "sample1", 64)
-    if on and naive:
-        ratio = on.load.rps / naive.load.rps if naive.load.rps else float("inf")
+    for pair in pairs:
+        if pair.result is None:
+            goal = "no goal" if pair.goal is None else f"goal >= {pair.show(pair.goal)}"
+            skip(f"{pair.text} ({goal})", pair.missing or "not measured")
+            continue
         verdict(
-            ratio >= 3,
-            f"sample n=1, c=64: {on.load.rps:,.0f} req/s = {ratio:.2f}x the naive peer's (goal >= 3x)",
+            None if pair.goal is None else pair.result.ratio >= pair.goal,
+            f"{pair.text}: {pair.show(pair.result.ratio)}, median of {pair.result.spread(pair.show)} "
+            f"({'no goal' if pair.goal is None else f'goal >= {pair.show(pair.goal)}'})",
         )
+    measured = [pair for pair in pairs if pair.result is not None]
+    if measured:
+        side_errors = sum(pair.errors for pair in measured)
+        verdict(side_errors == 0, f"side by side: {side_errors} HTTP and socket errors (goal 0)")
     else:
-        verdict(None, "sample n=1, c=64 vs the naive peer: not measured")
-    if on:
+        skip("side by side: HTTP and socket errors (goal 0)", "no comparison measured")
+
+    run = runs.get("service")
+    on = run.point("sample1", 64) if run else None
+    if on is None:
+        why = no_point(args, runs, "service", "sample1", 64)
+        skip("sample n=1, c=64: p99 / p50 (goal <= 4x)", why)
+        skip("sample n=1, c=64, batching on: requests merged per run (goal >= 4)", why)
+    else:
         ratio = on.load.p99_ms / on.load.p50_ms if on.load.p50_ms else float("inf")
         verdict(
             ratio <= 4,
-            f"sample n=1, c=64: p99 {on.load.p99_ms:.2f} ms = {ratio:.1f}x p50 {on.load.p50_ms:.2f} ms "
-            "(goal <= 4x)",
+            f"sample n=1, c=64: p99 {on.load.p99_ms:.2f} ms{'†' if on.truncated else ''} = {ratio:.1f}x "
+            f"p50 {on.load.p50_ms:.2f} ms (goal <= 4x)",
         )
-        merged = on.merged
-        verdict(
-            None if merged is None else merged >= 4,
-            f"sample n=1, c=64, batching on: {merged if merged is not None else float('nan'):.1f} "
-            "requests merged per run (goal >= 4)",
-        )
-    for pair in pairs:
-        verdict(
-            None if pair.goal is None else pair.result.ratio >= pair.goal,
-            f"{pair.text}: {pair.result.ratio:.0%}, median of {pair.result.spread()} "
-            f"({'no goal' if pair.goal is None else f'goal >= {pair.goal:.0%}'})",
-            unmeasured="INFO",
-        )
-    if pairs:
-        side_errors = sum(pair.errors for pair in pairs)
-        verdict(side_errors == 0, f"side by side: {side_errors} HTTP and socket errors (goal 0)")
+        if on.merged is None:
+            skip(
+                "sample n=1, c=64, batching on: requests merged per run (goal >= 4)",
+                f"no {BATCH_REQUESTS} runs in /metrics over the point",
+            )
+        else:
+            verdict(
+                on.merged >= 4,
+                f"sample n=1, c=64, batching on: {on.merged:.1f} requests merged per run (goal >= 4)",
+            )
     for key in ("service", "service-nobatch"):
+        label = SERVERS[key].label
         run = runs.get(key)
-        if run is None:
-            continue
-        if run.error:
-            verdict(False, f"{run.spec.label}: {run.error}")
+        if run is None or run.error:
+            if run is None:
+                skip(f"{label}: HTTP and socket errors over the sweep (goal 0)", f"{key} not in --servers")
+            else:
+                verdict(False, f"{label}: the sweep stopped: {run.error}")
+            skip(
+                f"{label}: RSS after the sweep (goal within 10% of after warm-up)",
+                f"{key} not in --servers" if run is None else "the sweep did not finish",
+            )
             continue
         http_errors = sum(p.load.http_errors for p in run.points)
         socket_errors = sum(p.load.socket_errors for p in run.points)
         verdict(
             http_errors + socket_errors == 0,
-            f"{run.spec.label}: {http_errors} HTTP errors and {socket_errors} socket errors over "
+            f"{label}: {http_errors} HTTP errors and {socket_errors} socket errors over "
             f"{len(run.points)} points (goal 0)",
         )
         growth = run.rss_end / run.rss_warm - 1 if run.rss_warm else float("inf")
         verdict(
             growth <= 0.10,
-            f"{run.spec.label}: RSS {run.rss_warm / 2**20:.0f} MB after warm-up, "
-            f"{run.rss_end / 2**20:.0f} MB after the sweep ({growth:+.1%}; goal within 10%)",
+            f"{label}: RSS {run.rss_warm / 2**20:.0f} MiB after warm-up, "
+            f"{run.rss_end / 2**20:.0f} MiB after the sweep ({growth:+.1%}; goal within 10%)",
         )
     return lines
+
+
+def sweep_table(runs: dict[str, ServerRun]) -> list[str]:
+    """Every sweep point, p99 marked † where it understates (`Load.truncated`); the footnote if any is."""
+    rows = []
+    for run in runs.values():
+        for p in run.points:
+            rows.append(
+                [
+                    run.spec.label,
+                    p.scenario.label,
+                    str(p.connections),
+                    f"{p.load.rps:,.0f}",
+                    f"{p.samples_per_s:,.0f}",
+                    f"{p.load.p50_ms:.2f}" if p.load.responses else "-",
+                    (f"{p.load.p99_ms:.2f}" if p.load.responses else "-") + ("†" if p.truncated else ""),
+                    f"{p.load.http_errors}/{p.load.socket_errors}",
+                    f"{p.cpu_percent:.0f}",
+                    f"{p.per_cpu_second:,.0f}",
+                    "" if p.merged is None else f"{p.merged:.1f}",
+                    f"{p.response_bytes / 1024:,.1f}",
+                ]
+            )
+    table = _table(
+        [
+            "server",
+            "request",
+            "conc",
+            "req/s",
+            "samples/s",
+            "p50 ms",
+            "p99 ms",
+            "errors HTTP/socket",
+            "server CPU %",
+            "req/CPU-s",
+            "merged/run",
+            "response KiB",
+        ],
+        rows,
+    )
+    if any(p.truncated for run in runs.values() for p in run.points):
+        table += ["", TRUNCATED]
+    return table
 
 
 def render(
@@ -618,7 +784,8 @@ def render(
         f"{args.duration:g} s per point, after {args.warmup:g} s of warm-up per request at "
         f"{max(args.concurrency)} connections.",
         "",
-        "## In-process ceiling (same graphs, one onnxruntime thread, the service's session options)",
+        "## In-process ceiling (same graphs, the service's session options, "
+        f"{args.intra_op_threads} intra-op / {args.inter_op_threads} inter-op onnxruntime threads)",
         "",
         *_table(
             ["graph", "batch", "samples/s"],
@@ -636,49 +803,14 @@ def render(
         "service's /metrics.",
         "",
     ]
-    rows = []
-    for run in runs.values():
-        for p in run.points:
-            rows.append(
-                [
-                    run.spec.label,
-                    p.scenario.label,
-                    str(p.connections),
-                    f"{p.load.rps:,.0f}",
-                    f"{p.samples_per_s:,.0f}",
-                    f"{p.load.p50_ms:.2f}" if p.load.responses else "-",
-                    f"{p.load.p99_ms:.2f}" if p.load.responses else "-",
-                    f"{p.load.http_errors}/{p.load.socket_errors}",
-                    f"{p.cpu_percent:.0f}",
-                    f"{p.per_cpu_second:,.0f}",
-                    "" if p.merged is None else f"{p.merged:.1f}",
-                    f"{p.response_bytes / 1024:,.1f}",
-                ]
-            )
-    out += _table(
-        [
-            "server",
-            "request",
-            "conc",
-            "req/s",
-            "samples/s",
-            "p50 ms",
-            "p99 ms",
-            "errors HTTP/socket",
-            "server CPU %",
-            "req/CPU-s",
-            "merged/run",
-            "response KiB",
-        ],
-        rows,
-    )
+    out += sweep_table(runs)
     out += [
         "",
         "## Side by side",
         "",
-        f"Ratio goals, measured in alternation: A, B, A, B, ... for {args.rounds} rounds of "
-        f"{args.round_seconds:g} s, every server up at once on the same core; the ratio is the median of "
-        "the rounds' A / B.",
+        f"Ratio goals, measured in alternation, A then B in even rounds and B then A in odd ones (ABBA), for "
+        f"{args.rounds} rounds of {args.round_seconds:g} s, every server up at once on the same core; the "
+        "ratio is the median of the rounds' A / B. Comparisons not measured are listed as SKIP under Goals.",
         "",
     ]
     out += _table(
@@ -688,11 +820,12 @@ def render(
                 pair.text,
                 f"{statistics.median(pair.result.a):,.0f}",
                 f"{statistics.median(pair.result.b):,.0f}",
-                f"{pair.result.ratio:.0%}",
-                pair.result.range(),
-                "-" if pair.goal is None else f">= {pair.goal:.0%}",
+                pair.show(pair.result.ratio),
+                pair.result.range(pair.show),
+                "-" if pair.goal is None else f">= {pair.show(pair.goal)}",
             ]
             for pair in pairs
+            if pair.result is not None
         ],
     )
     out += ["", "## Memory", ""]
@@ -759,12 +892,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(SERVERS),
         help=f"which servers, comma-separated (default: all of {','.join(SERVERS)})",
     )
-    requests = ["sample1", "sample256-json", "sample256-u8", "sample256-npy", "encode64"]
     parser.add_argument(
         "--requests",
-        type=_choices(requests),
-        default=requests,
-        help=f"which requests, comma-separated (default: all of {','.join(requests)})",
+        type=_choices(list(REQUESTS)),
+        default=list(REQUESTS),
+        help=f"which requests, comma-separated (default: all of {','.join(REQUESTS)})",
     )
     parser.add_argument(
         "--server-cpu", type=int, default=0, help="core for the servers and the ceiling (default: 0)"
@@ -774,10 +906,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--workers", type=int, default=1, help="uvicorn workers for every server (default: 1)"
     )
     parser.add_argument(
-        "--intra-op-threads", type=int, default=1, help="onnxruntime intra-op threads (default: 1)"
+        "--intra-op-threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads, servers and ceiling (default: 1)",
     )
     parser.add_argument(
-        "--inter-op-threads", type=int, default=1, help="onnxruntime inter-op threads (default: 1)"
+        "--inter-op-threads",
+        type=int,
+        default=1,
+        help="onnxruntime inter-op threads, servers and ceiling (default: 1)",
     )
     parser.add_argument(
         "--window-ms", type=float, help="BATCH_WINDOW_MS with batching on (default: the service's)"
@@ -787,7 +925,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=MMAP_THRESHOLD,
         metavar="BYTES",
-        help="MALLOC_MMAP_THRESHOLD_ for every server (default: %(default)s; 0: glibc's own adaptive one)",
+        help="MALLOC_MMAP_THRESHOLD_ for every server, not the in-process ceiling (default: %(default)s; "
+        "0: glibc's own adaptive one)",
     )
     parser.add_argument(
         "--env",
@@ -819,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
         model_root = args.model_dir
         version_dir = find_model(model_root, args.model) if model_root.is_dir() else None
         if version_dir is None:
+            from bench.serve_standin import write_standin  # onnx takes most of a second to import
+
             model_root = scratch / "models"
             version_dir = write_standin(model_root)
             model_note = (
@@ -829,13 +970,20 @@ def main(argv: list[str] | None = None) -> int:
         manifest = read_manifest(version_dir)
         model_note = f"{manifest.name}/{manifest.version} ({model_note}; {manifest.architecture})"
         print(f"model: {model_note}", flush=True)
-        all_scenarios = scenarios(manifest)
+        all_scenarios = scenarios(manifest.input_size)
         wanted = {
             key: [all_scenarios[k] for k in SERVERS[key].scenarios if k in args.requests or k == "noop"]
             for key in args.servers
         }
         batches = {(s.graph, s.batch) for chosen in wanted.values() for s in chosen}
-        ceilings = Ceiling(version_dir, manifest, {graph for graph, _ in batches}, args.server_cpu)
+        ceilings = Ceiling(
+            version_dir,
+            manifest,
+            {graph for graph, _ in batches},
+            args.server_cpu,
+            args.intra_op_threads,
+            args.inter_op_threads,
+        )
         ceiling = {key: ceilings.rate(*key, min(args.duration, 5.0)) for key in sorted(batches)}
         for (graph, batch), value in sorted(ceiling.items()):
             print(f"  ceiling {graph} batch {batch}: {value:,.0f} samples/s", flush=True)
@@ -855,16 +1003,23 @@ def main(argv: list[str] | None = None) -> int:
                 scratch / f"{key}.log",
             )
         print("side by side", flush=True)
-        pairs = side_by_side(
-            args, model_root, version_dir, scratch, manifest.name, all_scenarios, runs, ceilings
+        pairs, side_error = side_by_side(
+            args,
+            model_root,
+            version_dir,
+            scratch,
+            manifest.name,
+            all_scenarios,
+            comparisons(args, runs, all_scenarios),
+            ceilings,
         )
-    goal_lines = goals(runs, pairs)
+    goal_lines = goals(args, runs, pairs)
     report = render(args, model_note, ceiling, runs, pairs, goal_lines)
     print("\n" + report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(f"written to {args.out}")
-    return 0
+    return 1 if side_error or any(run.error for run in runs.values()) else 0
 
 
 if __name__ == "__main__":

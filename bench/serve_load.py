@@ -34,9 +34,9 @@ wrk.headers["Content-Type"] = "application/json"
 {accept}
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("WRK_RESULT %d %d %d %d %d %d %d %.1f %.1f %.1f\\n",
+  io.write(string.format("WRK_RESULT %d %d %d %d %d %d %d %.1f %.1f\\n",
     summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.mean))
+    latency:percentile(50), latency:percentile(99)))
 end
 """
 
@@ -51,7 +51,6 @@ class Load:
     socket_errors: int  # connect, read and write errors and timeouts
     p50_ms: float
     p99_ms: float
-    mean_ms: float
 
     @property
     def errors(self) -> int:
@@ -61,6 +60,13 @@ class Load:
     def rps(self) -> float:
         """Successful responses per second."""
         return (self.responses - self.http_errors) / self.seconds if self.seconds else 0.0
+
+    def truncated(self, connections: int) -> bool:
+        """Whether the percentiles understate: wrk drops the requests still in flight when the run ends,
+        uncounted, so once latency nears the run's length the slowest requests are the ones that go missing.
+        Flagged when p99 reaches half the run, or when the mean latency by Little's law, connections /
+        (responses per second), exceeds the run: that is, fewer responses than connections."""
+        return self.p99_ms / 1000 >= self.seconds / 2 or self.responses < connections
 
 
 def run_wrk(
@@ -91,19 +97,26 @@ def run_wrk(
             url,
         ]
         done = subprocess.run(pinned(command, cpu), capture_output=True, text=True, check=False)
-    match = re.search(r"^WRK_RESULT (.+)$", done.stdout, re.MULTILINE)
-    if done.returncode != 0 or match is None:
+    if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
-    responses, duration_us, connect, read, write, status, timeout = (int(v) for v in match[1].split()[:7])
-    p50, p99, mean = (float(v) for v in match[1].split()[7:])
+    return parse_wrk(done.stdout)
+
+
+def parse_wrk(stdout: str) -> Load:
+    """The Load in the WRK_RESULT line that the Lua script's `done` hook prints (latencies in us)."""
+    match = re.search(r"^WRK_RESULT (.+)$", stdout, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no WRK_RESULT line in wrk's output: {stdout.strip()}")
+    fields = match[1].split()
+    responses, duration_us, connect, read, write, status, timeout = (int(v) for v in fields[:7])
+    p50_us, p99_us = (float(v) for v in fields[7:])
     return Load(
         responses=responses,
         seconds=duration_us / 1e6,
         http_errors=status,
         socket_errors=connect + read + write + timeout,
-        p50_ms=p50 / 1000,
-        p99_ms=p99 / 1000,
-        mean_ms=mean / 1000,
+        p50_ms=p50_us / 1000,
+        p99_ms=p99_us / 1000,
     )
 
 
@@ -252,23 +265,28 @@ class Paired:
         """The median of the per-round ratios a/b."""
         return statistics.median(self.ratios)
 
-    def range(self) -> str:
+    def range(self, show: Callable[[float], str] = "{:.0%}".format) -> str:
         """The lowest and highest round's ratio, e.g. "81%-108%"."""
         ratios = self.ratios
-        return f"{min(ratios):.0%}-{max(ratios):.0%}"
+        return f"{show(min(ratios))}-{show(max(ratios))}"
 
-    def spread(self) -> str:
-        return f"{self.range()} over {len(self.a)} rounds"
+    def spread(self, show: Callable[[float], str] = "{:.0%}".format) -> str:
+        return f"{self.range(show)} over {len(self.a)} rounds"
 
 
 def alternate(a: Rate, b: Rate, *, rounds: int, seconds: float) -> Paired:
-    """Measure a, b, a, b, ... for `rounds` rounds, so that both see the same machine.
+    """Measure a and b in turns for `rounds` rounds, so that both see the same machine: a then b in even
+    rounds, b then a in odd ones (ABBA), so that neither always runs straight after the other's load.
 
     On a shared machine whose speed drifts by 10-20% over minutes (seen here), a ratio of two figures taken
     minutes apart mostly measures the drift; the median of per-round ratios taken seconds apart does not.
     """
     first, second = [], []
-    for _ in range(rounds):
-        first.append(a(seconds))
-        second.append(b(seconds))
+    for i in range(rounds):
+        if i % 2 == 0:
+            first.append(a(seconds))
+            second.append(b(seconds))
+        else:
+            second.append(b(seconds))
+            first.append(a(seconds))
     return Paired(tuple(first), tuple(second))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,21 +73,18 @@ class ReferenceVAE(nn.Module):
 
 @dataclass
 class Tracker:
-    """Scores the test ELBO as training goes and remembers when it first reached the target."""
+    """Scores the test ELBO as training goes, until it first reaches the target, and remembers when."""
 
     x_test: torch.Tensor
     images: int
     reached_at: float | None = None
     reached_epoch: float | None = None
-    curve: list[tuple[float, float, float]] = field(default_factory=list)  # (epoch, seconds, test elbo)
 
     def __call__(self, epoch: float, model: nn.Module, seconds: float) -> None:
-        at_epoch_end = epoch == int(epoch)
-        if self.reached_at is not None and not at_epoch_end:
+        if self.reached_at is not None:
             return
         elbo = elbo_stats(model, self.x_test[: self.images])["elbo"]  # type: ignore[arg-type]
-        self.curve.append((epoch, seconds, elbo))
-        if self.reached_at is None and elbo >= TARGET_ELBO:
+        if elbo >= TARGET_ELBO:
             self.reached_at, self.reached_epoch = seconds, epoch
             print(f"  reached test ELBO {elbo:.2f} >= {TARGET_ELBO} at {seconds:.1f} s (epoch {epoch:.2f})")
 
