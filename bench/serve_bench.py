@@ -76,9 +76,9 @@ from service.manifest import DECODER_INPUT, ENCODER_INPUT, MANIFEST_NAME, Manife
 
 MMAP_THRESHOLD = 0
 """MALLOC_MMAP_THRESHOLD_ for the servers; 0 leaves glibc's adaptive threshold. Any fixed value also fixes the
-trim threshold at 128 KiB, and then every 256-image response pays fresh page faults: in-process, sample n=256
-cost 12.1 ms of CPU as JSON and 5.7 ms as .npy with 262144 (or 1048576), against 9.9 and 4.8 ms adaptive.
-Pass --mmap-threshold 262144 to trade that CPU for flatter RSS."""
+trim threshold at 128 KiB, and then every 256-image response pays fresh page faults: `orjson.dumps` of 256
+float32 images cost 9.2-9.8 ms of CPU with 1048576 against 7.1-7.5 ms adaptive (`python -m bench.serve_costs`
+with and without the variable). Pass --mmap-threshold 1048576 to trade that CPU for flatter RSS."""
 FASHION_TEST_IMAGES = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 NPY = "application/x-npy"
 REQUESTS = ("sample1", "sample256-json", "sample256-u8", "sample256-npy", "encode64")
