@@ -37,7 +37,7 @@ from bench.peer_noop import app as noop_app
 from bench.serve_bench import find_model
 from service.app import create_app
 from service.batching import Batcher
-from service.encoding import as_uint8
+from service.grid import as_uint8
 from service.manifest import DECODER_INPUT, read_manifest
 from service.operations import make_rng
 from service.routes import OperationRoute

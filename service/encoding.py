@@ -23,6 +23,7 @@ from PIL import Image
 from starlette.responses import Response
 
 from service.errors import NotAcceptable
+from service.grid import as_uint8, channels_last, tile
 from service.operations import F32, Encoding
 from service.schemas import ImageDtype
 
@@ -81,12 +82,6 @@ def negotiate(accept: str | None, offered: Sequence[str]) -> str:
     return choice
 
 
-def as_uint8(images: F32) -> np.ndarray:
-    """round(x * 255), clipped to 0-255 (round half to even)."""
-    pixels: np.ndarray = np.rint(np.clip(images, 0.0, 1.0) * np.float32(255)).astype(np.uint8)
-    return pixels
-
-
 def with_dtype(images: F32, dtype: ImageDtype) -> np.ndarray:
     return as_uint8(images) if dtype == "uint8" else images
 
@@ -115,26 +110,12 @@ def npy_response(array: np.ndarray, seed: int | None) -> Response:
 
 def png_grid(images: F32) -> tuple[np.ndarray, int, int]:
     """[n, *image] -> one uint8 picture (H x W or H x W x 3), with its rows and columns of cells."""
-    pixels = as_uint8(images)
-    if pixels.ndim == 4 and pixels.shape[1] == 1:  # [n, 1, H, W] -> [n, H, W]
-        pixels = pixels[:, 0]
-    elif pixels.ndim == 4 and pixels.shape[1] == 3:  # [n, 3, H, W] -> [n, H, W, 3]
-        pixels = pixels.transpose(0, 2, 3, 1)
-    elif pixels.ndim != 3:
-        raise NotAcceptable(
-            f"images of shape {list(images.shape[1:])} cannot be drawn as PNG", field="accept"
-        )
-    n, height, width = pixels.shape[:3]
-    channels = pixels.shape[3:]
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    pad = GRID_PADDING
-    # Each cell is an image plus padding on its right and bottom; the last row and column lose it below.
-    cells = np.full((rows * cols, height + pad, width + pad, *channels), GRID_FILL, dtype=np.uint8)
-    cells[:n, :height, :width] = pixels
-    grid = cells.reshape(rows, cols, height + pad, width + pad, *channels).swapaxes(1, 2)
-    grid = grid.reshape(rows * (height + pad), cols * (width + pad), *channels)[:-pad, :-pad]
-    return np.ascontiguousarray(grid), rows, cols
+    try:
+        pixels = channels_last(as_uint8(images))
+    except ValueError as exc:
+        raise NotAcceptable(f"{exc} as PNG", field="accept") from None
+    cols = math.ceil(math.sqrt(len(pixels)))
+    return tile(pixels, cols, GRID_PADDING, GRID_FILL), math.ceil(len(pixels) / cols), cols
 
 
 def png_response(images: F32, seed: int | None) -> Response:

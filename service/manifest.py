@@ -104,22 +104,11 @@ class Manifest(_Strict):
     goal: Goal | None = Field(default=None, description="The target this model was trained to meet, if any.")
     libraries: dict[str, str] = Field(description="Versions of the libraries that produced the files.")
 
-    @property
-    def input_size(self) -> int:
-        """Number of values in one image."""
-        size = 1
-        for dim in self.input_shape:
-            size *= dim
-        return size
-
 
 def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks so large graphs do not sit in memory twice."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a file (read in chunks: large graphs do not sit in memory twice)."""
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_manifest(model_dir: Path) -> Manifest:
