@@ -5,9 +5,10 @@
 No sockets and no load generator: each figure is CPU time (time.process_time) per unit of work in this
 process, pinned to --cpu, on the model under --model-dir (default: the shipped one):
 
-- a `sample n=1` request, 32 at a time (median of 5 turns), through the service (its fast path for operations), through
-  FastAPI's own application stack (`FastAPI.__call__`, which the service skips for operations), through the
-  operation's route alone, and through a FastAPI no-op endpoint (`bench/peer_noop.py`);
+- a `sample n=1` request, 32 at a time (median of 5 turns), through the service (its short path for
+  operations, `service.dispatch`), through the same service with the dispatch sending operations on into
+  FastAPI's own stack and router (what the short path skips), through the operation's route alone, and
+  through a FastAPI no-op endpoint (`bench/peer_noop.py`);
 - the pieces of a small request: the JSON of one image, the decoder's share of a 32-row batch, seeding
   the request's generator;
 - for 256 images: one decoder run, and `orjson.dumps` of the sample response as float32 and as uint8;
@@ -30,17 +31,16 @@ from typing import Any
 import numpy as np
 import orjson
 import uvloop
-from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
 from bench.peer_noop import app as noop_app
 from bench.serve_bench import find_model
 from service.app import create_app
 from service.batching import Batcher
+from service.dispatch import OperationDispatch, OperationRoute
 from service.grid import as_uint8
 from service.manifest import DECODER_INPUT, read_manifest
 from service.operations import make_rng
-from service.routes import OperationRoute
 from service.runtime import session_options
 from service.settings import Settings
 
@@ -112,26 +112,31 @@ async def lone_request_us(window_ms: float, repeat: int = 5000) -> float:
 
 
 async def requests(model_dir: Path, name: str) -> list[tuple[str, float]]:
-    app = create_app(Settings(_env_file=None, model_dir=model_dir, intra_op_threads=1, device="cpu"))
+    settings = Settings(_env_file=None, model_dir=model_dir, intra_op_threads=1, device="cpu")
+    app = create_app(settings)
+    # The same service with the dispatch sending operations on into FastAPI's own stack and router.
+    fastapi_app = create_app(settings)
+    fastapi_app.middleware_stack = fastapi_app.build_middleware_stack()
+    dispatch = fastapi_app.middleware_stack
+    while not isinstance(dispatch, OperationDispatch):
+        dispatch = dispatch.app  # type: ignore[attr-defined]
+    dispatch.match = lambda scope: None  # type: ignore[method-assign]
     path = f"/v1/models/{name}/sample"
     route = next(
         r for r in app.router.routes if isinstance(r, OperationRoute) and r.path.endswith("}/sample")
     )
 
-    async def fastapi_stack(scope: Scope, receive: Receive, send: Send) -> None:
-        await FastAPI.__call__(app, scope, receive, send)
-
     async def route_alone(scope: Scope, receive: Receive, send: Send) -> None:
-        scope["path_params"] = {"model": name}
+        scope["app"], scope["path_params"] = app, {"model": name}
         await route.app(scope, receive, send)
 
     paths: list[tuple[str, ASGI]] = [
-        ("sample n=1 through the service (operations' fast path)", app),
-        ("sample n=1 through FastAPI's application stack", fastapi_stack),
+        ("sample n=1 through the service (operations' short path)", app),
+        ("sample n=1 through FastAPI's stack and router instead", fastapi_app),
         ("sample n=1 through its route alone", route_alone),
         ("no-op FastAPI endpoint", noop_app),
     ]
-    async with app.router.lifespan_context(app):
+    async with app.router.lifespan_context(app), fastapi_app.router.lifespan_context(fastapi_app):
         seen: dict[str, list[float]] = {label: [] for label, _ in paths}
         for _ in range(ROUNDS):  # in turns, so that a drifting machine affects every path alike
             for label, target in paths:

@@ -4,8 +4,8 @@ Nothing heavy happens at import or in the factory; the lifespan loads and warms 
 batcher per graph, and only then does uvicorn accept connections (so readiness follows warm-up). On
 shutdown (SIGTERM included) the lifespan stops the batchers.
 
-A request enters `ServiceApp.__call__`: model operations take the fast path (`service.dispatch`), every
-other request FastAPI's usual one.
+Every request crosses the same middleware stack (`service.middleware`); below it, model operations take
+their short path to their handlers (`service.dispatch`) and everything else goes on into FastAPI.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp
 
-from service.dispatch import OperationDispatch
+from service.dispatch import OperationDispatch, OperationRoute
 from service.errors import install_error_handlers
-from service.metrics import Metrics, RequestMetrics
-from service.middleware import BodySizeLimit
+from service.metrics import Metrics
+from service.middleware import ErrorBoundary, install_middleware
 from service.registry import Registry
-from service.routes import OperationRoute, add_routes
+from service.routes import add_routes
 from service.settings import Settings
 
 DESCRIPTION = """
@@ -41,15 +41,22 @@ decoder.onnx}`) with onnxruntime.
 
 
 class ServiceApp(FastAPI):
-    """FastAPI, with the model operations dispatched ahead of its application stack (`service.dispatch`)."""
+    """FastAPI whose middleware stack ends in the operations' dispatch (`service.dispatch`)."""
 
-    dispatch: OperationDispatch
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.dispatch.match(scope):
-            await self.dispatch(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
+    def build_middleware_stack(self) -> ASGIApp:
+        """The error boundary, every middleware in `user_middleware` (ours and any added later), then the
+        dispatch, which sends operations to their routes and the rest to FastAPI's own stack (built here
+        without them)."""
+        user_middleware, self.user_middleware = self.user_middleware, []
+        try:
+            framework = super().build_middleware_stack()
+        finally:
+            self.user_middleware = user_middleware
+        routes = [route for route in self.router.routes if isinstance(route, OperationRoute)]
+        app: ASGIApp = OperationDispatch(routes, framework)
+        for cls, args, kwargs in reversed(user_middleware):
+            app = cls(app, *args, **kwargs)
+        return ErrorBoundary(app)
 
 
 def create_app(settings: Settings) -> ServiceApp:
@@ -70,17 +77,14 @@ def create_app(settings: Settings) -> ServiceApp:
             await registry.stop()
 
     app = ServiceApp(title="VAE serving", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = metrics
     install_error_handlers(app)
-    # add_middleware wraps what is already there: RequestMetrics ends up outermost, so it sees 413s too.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics, known_models=registry.model_names)
-    add_routes(app.router, settings, registry, metrics)
-    app.dispatch = OperationDispatch(
-        [route for route in app.router.routes if isinstance(route, OperationRoute)],
-        metrics=metrics,
-        known_models=registry.model_names,
-        max_body_bytes=settings.max_body_bytes,
+    install_middleware(
+        app, metrics=metrics, known_models=registry.model_names, max_body_bytes=settings.max_body_bytes
     )
+    add_routes(app, settings)
     return app
 
 

@@ -1,77 +1,83 @@
-"""The hot path: model operations go from uvicorn straight to their routes, past FastAPI's application stack.
+"""The model operations' short path to their handlers, inside the one middleware stack every request crosses.
 
 FastAPI declares and documents every route and serves everything that is not a model operation (metadata,
-health, metrics, /docs). Its application stack, though (ServerErrorMiddleware, FastAPI's telemetry and
-body-limit middlewares, ExceptionMiddleware, AsyncExitStackMiddleware, the router's scan of every route),
-cost about 35 us of CPU per `sample n=1` request: 143-154 us through it against 107-122 us along this path
-(32 at a time, in-process; `python -m bench.serve_costs`, figures in README.md's Performance section), twice
-the model's share of the request. None of it does anything for an operation, whose route reads its own
-body and returns its own Response.
+health, metrics, /docs). Its per-request machinery (exception middlewares, the exit stack, the router's scan
+of every route, dependency solving) does nothing for an operation, whose handler reads its own body and
+returns its own Response, yet it costs more CPU than the operation's share of the model run
+(`python -m bench.serve_costs` measures both paths). So the app's stack (`ServiceApp.build_middleware_stack`)
+ends in an `OperationDispatch`: below every middleware, a POST that an operation route matches in full goes
+straight to that route; every other request goes on to FastAPI's machinery and router.
 
-`OperationDispatch.match` claims a request when it is a POST that one of the operation routes matches in
-full (Starlette's own matching, so paths and parameters mean the same as through FastAPI); anything else,
-a wrong method on an operation's path included, goes to FastAPI. A claimed request runs under the same
-two middlewares as the rest (metrics outermost, then the body limit) and its errors are rendered by the
-same `errors.render`, so nothing a client sees depends on which path served it.
+Because the split is below the middlewares, whatever the app adds with `add_middleware` (metrics, the body
+limit, later authentication, CORS, tracing) wraps both paths alike. Errors on the short path are rendered
+by the same `errors.render` as FastAPI's exception handlers use, so nothing a client sees depends on which
+path served it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Match
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import EXPECTED, render
-from service.metrics import Metrics, RequestMetrics
-from service.middleware import BodySizeLimit
+from service.registry import ServedModel
+
+Operation = Callable[[Request, ServedModel], Awaitable[Response]]
+"""A model operation's handler: the request and the model version it addresses -> its response."""
+Resolve = Callable[[Request], ServedModel]
+"""The dependency that finds the model version a request's path names (or raises NotFound)."""
+
+
+class OperationRoute(APIRoute):
+    """A model operation's route: documented by FastAPI like any other, served by `OperationDispatch`.
+
+    FastAPI builds the OpenAPI entry from the route arguments (`service.openapi` writes the parameters and
+    body). At request time the route calls `resolve(request)` and `endpoint(request, served)` itself, and
+    renders what they raise as FastAPI's exception handlers would: they raise before any response starts.
+    A bug propagates to the stack's `ErrorBoundary`.
+    """
+
+    def __init__(self, path: str, endpoint: Operation, *, resolve: Resolve, **kwargs: Any) -> None:
+        super().__init__(path, endpoint, methods=["POST"], **kwargs)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            request = Request(scope, receive, send)
+            try:
+                response = await endpoint(request, resolve(request))
+            except EXPECTED as exc:
+                response = render(exc, scope["path"])
+            await response(scope, receive, send)
+
+        self.app = app
 
 
 class OperationDispatch:
-    """ASGI app for the model operation routes (see the module docstring); `match` says which requests."""
+    """Send model operations to their routes and everything else to `framework` (see the module docstring)."""
 
-    def __init__(
-        self,
-        routes: Sequence[APIRoute],
-        *,
-        metrics: Metrics,
-        known_models: Callable[[], Container[str]],
-        max_body_bytes: int,
-    ) -> None:
+    def __init__(self, routes: Sequence[OperationRoute], framework: ASGIApp) -> None:
         # The operation is the path's last segment: at most two routes (newest, pinned) to try per request.
-        self._routes: dict[str, list[APIRoute]] = {}
+        self._routes: dict[str, list[OperationRoute]] = {}
         for route in routes:
             self._routes.setdefault(route.path.rpartition("/")[2], []).append(route)
-        self._app = RequestMetrics(BodySizeLimit(self._run, max_bytes=max_body_bytes), metrics, known_models)
+        self.framework = framework
 
-    def match(self, scope: Scope) -> bool:
-        """True for a POST to an operation route, with `route` and `path_params` added to `scope`."""
+    def match(self, scope: Scope) -> OperationRoute | None:
+        """The operation route a POST matches in full, with `route` and `path_params` added to `scope`."""
         if scope["type"] != "http" or scope["method"] != "POST":
-            return False
+            return None
         for route in self._routes.get(scope["path"].rpartition("/")[2], ()):
             match, child_scope = route.matches(scope)
             if match is Match.FULL:
                 scope.update(child_scope)
-                return True
-        return False
+                return route
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._app(scope, receive, send)
-
-    async def _run(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await scope["route"].app(scope, receive, tracking_send)
-        except Exception as exc:
-            if started:  # too late for an error response; uvicorn logs it and closes the connection
-                raise
-            await render(exc, scope["path"])(scope, receive, send)
-            if not isinstance(exc, EXPECTED):
-                raise  # a bug: uvicorn logs the traceback, as after Starlette's ServerErrorMiddleware
+        route = self.match(scope)
+        await (self.framework if route is None else route.app)(scope, receive, send)

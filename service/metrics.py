@@ -1,4 +1,4 @@
-"""Prometheus metrics: one registry per app (so tests can build many apps), fed by a pure ASGI middleware.
+"""Prometheus metrics: one registry per app (so tests can build many apps), fed by `middleware.RequestMetrics`.
 
 With WORKERS > 1 every worker process keeps its own registry, so a scrape would see one worker at random:
 `python -m service` then sets PROMETHEUS_MULTIPROC_DIR (see `service.__main__.worker_metrics`) and /metrics
@@ -8,8 +8,7 @@ aggregates all workers through prometheus-client's multiprocess collector instea
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -21,13 +20,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
-from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-UNMATCHED = "<unmatched>"
-UNKNOWN_MODEL = "<unknown>"
 
 
 class Metrics:
@@ -100,6 +95,8 @@ class Metrics:
 
     def count_samples(self, endpoint: str, model: str, rows: int) -> None:
         """Add `rows` eps rows to vae_samples_generated (children cached, as in `observe_request`)."""
+        if not rows:
+            return
         child = self._sample_children.get((endpoint, model))
         if child is None:
             child = self._sample_children[endpoint, model] = self.samples.labels(endpoint, model)
@@ -125,39 +122,3 @@ class Metrics:
             MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
             return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-class RequestMetrics:
-    """Counts and times every request by endpoint (the route's name: sample, encode, readyz, ...) and model.
-
-    The model label is the path's model only when it names a loaded model: arbitrary names in 404s must not
-    mint new time series.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, known_models: Callable[[], Container[str]]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.known_models = known_models
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            route: BaseRoute | None = scope.get("route")
-            endpoint = getattr(route, "name", UNMATCHED) if route is not None else UNMATCHED
-            model = scope.get("path_params", {}).get("model", "")
-            if model and model not in self.known_models():
-                model = UNKNOWN_MODEL
-            self.metrics.observe_request(endpoint, model, status, time.perf_counter() - start)

@@ -1,17 +1,108 @@
-"""Pure ASGI middleware that bounds request bodies (413) before any handler reads them into memory."""
+"""The middleware stack every request crosses, model operations and FastAPI's routes alike.
+
+The stack, outermost first:
+
+    ErrorBoundary     a 500 in the error shape for a bug anywhere below, then re-raised (uvicorn logs it)
+    RequestMetrics    counts and times every response, 413s included      } `install_middleware`; later
+    BodySizeLimit     413 before a handler reads a body over MAX_BODY_BYTES } `add_middleware` calls go above
+    OperationDispatch model operations to their routes, the rest to FastAPI (`service.dispatch`)
+
+Starlette keeps the middle ones in `app.user_middleware`; `ServiceApp.build_middleware_stack` puts the
+error boundary above them and the dispatch below them, so a middleware added later with
+`app.add_middleware` also wraps both paths.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Container
+
+from fastapi import FastAPI
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_body
+from service.errors import PayloadTooLarge, error_body, render
+from service.metrics import Metrics
+
+UNMATCHED = "<unmatched>"
+UNKNOWN_MODEL = "<unknown>"
+
+
+def install_middleware(
+    app: FastAPI, *, metrics: Metrics, known_models: Callable[[], Container[str]], max_body_bytes: int
+) -> None:
+    """Add the service's middlewares (each `add_middleware` wraps what is already there)."""
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics, known_models=known_models)
+
+
+class ErrorBoundary:
+    """A bug below (any exception not answered yet) becomes a 500 in the error shape, then is re-raised so
+    that uvicorn logs its traceback; after a response has started, uvicorn closes the connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if not started:
+                await render(exc, scope["path"])(scope, receive, send)
+            raise
+
+
+class RequestMetrics:
+    """Counts and times every request by endpoint (the route's name: sample, encode, readyz, ...) and model.
+
+    The model label is the path's model only when it names a loaded model: arbitrary names in 404s must not
+    mint new time series.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, known_models: Callable[[], Container[str]]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.known_models = known_models
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route: BaseRoute | None = scope.get("route")
+            endpoint = getattr(route, "name", UNMATCHED) if route is not None else UNMATCHED
+            model = scope.get("path_params", {}).get("model", "")
+            if model and model not in self.known_models():
+                model = UNKNOWN_MODEL
+            self.metrics.observe_request(endpoint, model, status, time.perf_counter() - start)
 
 
 class BodySizeLimit:
     """Refuse bodies over `max_bytes`: at once when Content-Length says so, else while counting streamed bytes.
 
     A chunked upload has no Content-Length, so the count on `receive` is what actually bounds memory; the
-    PayloadTooLarge it raises surfaces in the handler reading the body and is rendered by the error handler.
+    PayloadTooLarge it raises surfaces in the handler reading the body and is rendered like any error.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from service.errors import ServiceError
-from service.schemas import read_npy
+from service.requests import read_npy
 from tests.service.conftest import LATENT, PIXELS, image_batch, serve
 
 pytestmark = pytest.mark.anyio

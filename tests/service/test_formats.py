@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.encoding import GRID_FILL, GRID_PADDING, JSON, NPY, PNG, negotiate, npy_bytes, png_grid
 from service.errors import NotAcceptable
-from service.schemas import read_npy
+from service.media import JSON, NPY, PNG, negotiate
+from service.requests import read_npy
+from service.responses import GRID_FILL, GRID_PADDING, npy_bytes, png_grid
 from tests.service.conftest import LATENT, f32, image_batch
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""Response bodies straight from numpy: JSON via orjson, `.npy`, and PNG grids; plus Accept negotiation.
+"""Response bodies straight from numpy: JSON via orjson, `.npy`, and PNG grids.
 
 No per-element Python loops: orjson serialises float32/uint8 arrays natively, which is what makes a
 256-image response cost milliseconds rather than the ~200 ms of `json.dumps` on nested floats.
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -24,62 +23,12 @@ from starlette.responses import Response
 
 from service.errors import NotAcceptable
 from service.grid import as_uint8, channels_last, tile
+from service.media import JSON, NPY, PNG
 from service.operations import F32, Encoding
 from service.schemas import ImageDtype
 
-JSON = "application/json"
-NPY = "application/x-npy"
-PNG = "image/png"
-IMAGE_TYPES = (JSON, NPY, PNG)
-ARRAY_TYPES = (JSON, NPY)
 GRID_PADDING = 2
 GRID_FILL = 128
-
-
-def _media_ranges(accept: str) -> list[tuple[str, float]]:
-    """ "a/b;q=0.5, c/*" -> [("a/b", 0.5), ("c/*", 1.0)] (lower-cased; a malformed q counts as 0)."""
-    ranges = []
-    for part in accept.split(","):
-        media, *params = (piece.strip() for piece in part.split(";"))
-        q = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        if media:
-            ranges.append((media.lower(), q))
-    return ranges
-
-
-def negotiate(accept: str | None, offered: Sequence[str]) -> str:
-    """The offered media type the client prefers; NotAcceptable if it accepts none of them.
-
-    Each offered type takes the q of the most specific range that matches it (RFC 9110 12.5.1), so
-    "image/png;q=0, */*" excludes PNG. Among equal q, an exact match beats a wildcard, then the order of
-    `offered` decides: a missing header, or "*/*", gets the first (JSON).
-    """
-    if not accept or not accept.strip():
-        return offered[0]
-    ranges = _media_ranges(accept)
-    best: tuple[float, int, int] | None = None
-    choice = None
-    for index, candidate in enumerate(offered):
-        kind = candidate.split("/")[0]
-        specificity, q = -1, 0.0
-        for media, media_q in ranges:
-            rank = 2 if media == candidate else 1 if media == f"{kind}/*" else 0 if media == "*/*" else -1
-            if rank > specificity:
-                specificity, q = rank, media_q
-        if q > 0 and (best is None or (q, specificity, -index) > best):
-            best, choice = (q, specificity, -index), candidate
-    if choice is None:
-        raise NotAcceptable(
-            f"cannot produce {accept!r}; this endpoint offers {', '.join(offered)}", field="accept"
-        )
-    return choice
 
 
 def with_dtype(images: F32, dtype: ImageDtype) -> np.ndarray:
