@@ -34,7 +34,7 @@ Exit status: 1 when a phase hit an error (a server's sweep, or the side-by-side 
 that FAILs is a result, not an error.
 
 The model is the newest version of the first (or --model) name under --model-dir (default `models`);
-if there is none, a stand-in with the same shapes (`bench/serve_standin.py`) is written to a temp dir.
+if there is none, a stand-in with the same shapes (`bench/standin.py`) is written to a temp dir.
 """
 
 from __future__ import annotations
@@ -958,12 +958,12 @@ def main(argv: list[str] | None = None) -> int:
         model_root = args.model_dir
         version_dir = find_model(model_root, args.model) if model_root.is_dir() else None
         if version_dir is None:
-            from bench.serve_standin import write_standin  # onnx takes most of a second to import
+            from bench.standin import write_model  # onnx takes most of a second to import
 
             model_root = scratch / "models"
-            version_dir = write_standin(model_root)
+            version_dir = write_model(model_root)
             model_note = (
-                f"no model under {args.model_dir}: stand-in MLP VAE (bench/serve_standin.py, random weights)"
+                f"no model under {args.model_dir}: stand-in MLP VAE (bench/standin.py, random weights)"
             )
         else:
             model_note = f"{version_dir}"

@@ -11,8 +11,7 @@ When a batch runs (monotonic clock throughout):
 - When the window closes: `window_ms` after the oldest waiting request arrived. This bounds the wait.
 - Adaptive: as soon as the event loop has gone `QUIET_TURNS` turns without a new request. A request reaches
   `submit` within two turns of its bytes arriving, so a quiet loop means no batch-mate is on its way, and
-  waiting longer would only leave the core idle (with two clients in a loop, a fixed 2 ms window halved
-  throughput). Under load the loop never goes quiet and batches fill up to the window; at low concurrency
+  waiting longer would only leave the core idle. Under load the loop never goes quiet and batches fill up to the window; at low concurrency
   a request waits a few microseconds, not the window. Rows that pile up while a run is in flight always
   merge.
 - `window_ms == 0` switches batching off: every run holds one request (or one slice of it).
@@ -92,8 +91,8 @@ class _Workers:
     """Threads that run batches off the event loop and hand each outcome back with `call_soon_threadsafe`.
 
     `loop.run_in_executor` on a ThreadPoolExecutor does the same through two kinds of future and the pool's
-    bookkeeping, which cost more than the rest of a lone request's trip through the batcher (that trip is
-    measured by `python -m bench.serve_costs`).
+    bookkeeping, which cost more than the rest of a lone request's trip through the batcher
+    (`python -m bench.serve_costs` measures that trip).
     """
 
     def __init__(self, count: int, name: str) -> None:

@@ -136,3 +136,9 @@ async def _handle(request: Request, exc: Exception) -> Response:
 def install_error_handlers(app: FastAPI) -> None:
     for kind in (*EXPECTED, Exception):
         app.add_exception_handler(kind, _handle)
+
+
+def check_limit(value: int, limit: int, field: str, setting: str, what: str) -> None:
+    """Refuse a count past a configured limit, naming the setting that bounds it."""
+    if value > limit:
+        raise InvalidInput(f"{what} is {value}; the limit ({setting}) is {limit}", field=field)

@@ -9,21 +9,23 @@ the query string, or no body at all. The app's settings, registry and metrics li
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from service import operations
 from service.dispatch import Operation, OperationRoute
+from service.errors import check_limit
 from service.media import ARRAY_TYPES, IMAGE_TYPES, negotiate
 from service.metrics import Metrics
 from service.openapi import ERRORS, request_doc, responses_doc
 from service.registry import Registry, ServedModel
-from service.requests import Images, Latents, check_limit, read_arrays, read_params
+from service.requests import Images, Latents, read_arrays, read_params
 from service.responses import encoding_response, image_response, json_response
 from service.schemas import (
     EXAMPLE_PNG,
@@ -39,6 +41,7 @@ from service.schemas import (
     ReconstructParams,
     ReconstructRequest,
     ReconstructResponse,
+    RequestParams,
     SampleParams,
     SampleRequest,
     SampleResponse,
@@ -196,22 +199,101 @@ PREFIXES = {"": "/v1/models/{model}", "_version": "/v1/models/{model}/versions/{
 """Operation id suffix -> path prefix: the newest version, and a pinned one."""
 
 
+@dataclass(frozen=True)
+class OperationSpec:
+    """One model operation: its handler and what /docs says about it."""
+
+    handler: Operation
+    summary: str
+    request: type[BaseModel]
+    params: type[RequestParams]
+    example: dict[str, Any]
+    array: str | None  # what an .npy body holds; None: the operation takes no array
+    limits: dict[str, tuple[str, str]]  # field -> (JSON schema keyword, the Settings field bounding it)
+    response: type[BaseModel]
+    media: tuple[str, ...]
+    answers: str  # the 200's description
+
+    def openapi(self, path: str, settings: Settings) -> dict[str, Any]:
+        """OperationRoute's documentation arguments, with this server's MAX_* limits filled in."""
+        limits = {field: (keyword, getattr(settings, name)) for field, (keyword, name) in self.limits.items()}
+        return {
+            "summary": self.summary,
+            "openapi_extra": request_doc(path, self.request, self.params, self.example, self.array, limits),
+            "responses": responses_doc(self.response, self.media, self.answers),
+        }
+
+
+IMAGES = "Images [batch, D] or [batch, *input_shape]."
+OPERATIONS = {
+    "encode": OperationSpec(
+        encode,
+        "Posterior of each image: mu, logvar, sigma, and optionally z = mu + sigma * eps.",
+        EncodeRequest,
+        EncodeParams,
+        {"inputs": [EXAMPLE_PNG], "samples": 2, "seed": 1234},
+        IMAGES,
+        {"inputs": ("maxItems", "max_batch"), "samples": ("maximum", "max_samples")},
+        EncodeResponse,
+        ARRAY_TYPES,
+        "JSON, or one .npy structured array (fields mu, logvar, sigma, z).",
+    ),
+    "sample": OperationSpec(
+        sample,
+        "Generate images: decode z = temperature * eps, eps ~ N(0, I) drawn on the server.",
+        SampleRequest,
+        SampleParams,
+        {"n": 4, "seed": 1234, "temperature": 1.0},
+        None,
+        {"n": ("maximum", "max_samples")},
+        SampleResponse,
+        IMAGE_TYPES,
+        "JSON, the images as one .npy array, or a PNG grid.",
+    ),
+    "reconstruct": OperationSpec(
+        reconstruct,
+        "Encode and decode each image; mode mean decodes mu, mode sample decodes mu + sigma * eps.",
+        ReconstructRequest,
+        ReconstructParams,
+        {"inputs": [EXAMPLE_PNG], "mode": "mean", "dtype": "uint8"},
+        IMAGES,
+        {"inputs": ("maxItems", "max_batch")},
+        ReconstructResponse,
+        IMAGE_TYPES,
+        "JSON, the reconstructions as one .npy array, or a PNG grid.",
+    ),
+    "decode": OperationSpec(
+        decode,
+        "Decode latent vectors into images.",
+        DecodeRequest,
+        DecodeParams,
+        {"z": [[0.0] * 32]},
+        "Latents [batch, latent_dim].",
+        {"z": ("maxItems", "max_batch")},
+        DecodeResponse,
+        IMAGE_TYPES,
+        "JSON, the images as one .npy array, or a PNG grid.",
+    ),
+}
+
+
 def add_routes(app: FastAPI, settings: Settings) -> None:
     """Register every route on the app's own router (an included APIRouter would cost a second dispatch per
     request in FastAPI 0.16x). The operations' documentation shows this server's MAX_* limits."""
     router: APIRouter = app.router
     for suffix, prefix in PREFIXES.items():
         tags: list[str | Enum] = ["operations" + (" (pinned version)" if suffix else "")]
-        for name, endpoint, doc in _operations(settings, prefix):
+        for name, spec in OPERATIONS.items():
+            path = f"{prefix}/{name}"
             router.routes.append(
                 OperationRoute(
-                    f"{prefix}/{name}",
-                    endpoint,
+                    path,
+                    spec.handler,
                     resolve=served_model,
                     name=name,
                     operation_id=f"{name}{suffix}",
                     tags=tags,
-                    **doc,
+                    **spec.openapi(path, settings),
                 )
             )
     for path, endpoint, tag, summary, responses in INFO_ROUTES:
@@ -245,87 +327,3 @@ INFO_ROUTES: list[tuple[str, Callable[..., Awaitable[Response]], str, str, dict[
     ("/metrics", prometheus, "health", "Prometheus metrics (text format).", {}),
 ]
 """(path, handler, tag, summary, responses) of the GET routes FastAPI serves itself."""
-
-
-def _operations(settings: Settings, prefix: str) -> list[tuple[str, Operation, dict[str, Any]]]:
-    """(name, handler, OpenAPI arguments) of each operation under `prefix`."""
-    images = "Images [batch, D] or [batch, *input_shape]."
-    max_batch = ("maxItems", settings.max_batch)
-    return [
-        (
-            "encode",
-            encode,
-            {
-                "summary": "Posterior of each image: mu, logvar, sigma, and optionally z = mu + sigma * eps.",
-                "openapi_extra": request_doc(
-                    f"{prefix}/encode",
-                    EncodeRequest,
-                    EncodeParams,
-                    {"inputs": [EXAMPLE_PNG], "samples": 2, "seed": 1234},
-                    images,
-                    {"inputs": max_batch, "samples": ("maximum", settings.max_samples)},
-                ),
-                "responses": responses_doc(
-                    EncodeResponse,
-                    ARRAY_TYPES,
-                    "JSON, or one .npy structured array (fields mu, logvar, sigma, z).",
-                ),
-            },
-        ),
-        (
-            "sample",
-            sample,
-            {
-                "summary": "Generate images: decode z = temperature * eps, eps ~ N(0, I) drawn on the server.",
-                "openapi_extra": request_doc(
-                    f"{prefix}/sample",
-                    SampleRequest,
-                    SampleParams,
-                    {"n": 4, "seed": 1234, "temperature": 1.0},
-                    None,
-                    {"n": ("maximum", settings.max_samples)},
-                ),
-                "responses": responses_doc(
-                    SampleResponse, IMAGE_TYPES, "JSON, the images as one .npy array, or a PNG grid."
-                ),
-            },
-        ),
-        (
-            "reconstruct",
-            reconstruct,
-            {
-                "summary": "Encode and decode each image; mode mean decodes mu, mode sample decodes mu + sigma * eps.",
-                "openapi_extra": request_doc(
-                    f"{prefix}/reconstruct",
-                    ReconstructRequest,
-                    ReconstructParams,
-                    {"inputs": [EXAMPLE_PNG], "mode": "mean", "dtype": "uint8"},
-                    images,
-                    {"inputs": max_batch},
-                ),
-                "responses": responses_doc(
-                    ReconstructResponse,
-                    IMAGE_TYPES,
-                    "JSON, the reconstructions as one .npy array, or a PNG grid.",
-                ),
-            },
-        ),
-        (
-            "decode",
-            decode,
-            {
-                "summary": "Decode latent vectors into images.",
-                "openapi_extra": request_doc(
-                    f"{prefix}/decode",
-                    DecodeRequest,
-                    DecodeParams,
-                    {"z": [[0.0] * 32]},
-                    "Latents [batch, latent_dim].",
-                    {"z": max_batch},
-                ),
-                "responses": responses_doc(
-                    DecodeResponse, IMAGE_TYPES, "JSON, the images as one .npy array, or a PNG grid."
-                ),
-            },
-        ),
-    ]

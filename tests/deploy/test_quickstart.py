@@ -8,16 +8,21 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
 DEFAULT_MODEL = "fashion-mnist-mlp"
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +63,48 @@ def test_docker_serving_requirements_have_no_torch() -> None:
     names = {line.split(">")[0].split("=")[0].split("[")[0].strip().lower() for line in out.splitlines()}
     assert "onnxruntime" in names and "fastapi" in names
     assert not names & {"torch", "onnx", "onnxscript", "torchvision"}
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The distributions these requirements install, transitively (as installed here, markers applied)."""
+    names: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        extras = requirement.extras or {""}
+        if name == canonicalize_name(PROJECT["name"]):
+            todo += [Requirement(r) for extra in extras for r in PROJECT["optional-dependencies"][extra]]
+            continue
+        if name in names and extras == {""}:
+            continue
+        names.add(name)
+        for line in metadata.requires(name) or []:
+            inner = Requirement(line)
+            if inner.marker is None or any(inner.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(inner)
+    return names
+
+
+def test_service_tests_need_only_the_serve_and_dev_installs() -> None:
+    """What the service README documents (`.[serve,dev]`) runs tests/service: no torch, no training."""
+    code = (
+        "import importlib, pathlib, sys\n"
+        "for path in sorted(pathlib.Path('tests/service').glob('*.py')):\n"
+        "    importlib.import_module('tests.service.' + path.stem)\n"
+        "print('\\n'.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    top_level = set(out.split()) - set(sys.stdlib_module_names) - {"__main__", "_distutils_hack"}
+    assert not top_level & {"torch", "training"}
+    by_module = metadata.packages_distributions()
+    imported = {canonicalize_name(dist) for module in top_level for dist in by_module.get(module, [])}
+    imported.discard(canonicalize_name(PROJECT["name"]))  # service/, bench/ and tests/ themselves
+    allowed = _closure([*PROJECT["dependencies"], "vae-serving[serve,dev]"])
+    assert imported, "no installed distribution found among the imports"
+    assert imported <= allowed, f"imported but not in .[serve,dev]: {sorted(imported - allowed)}"
 
 
 def _free_port() -> int:

@@ -14,17 +14,9 @@ from service.__main__ import logging_config
 from service.settings import Settings, cpu_quota, usable_cpus
 
 
-def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("WORKERS", "INTRA_OP_THREADS", "MODEL_DIR", "DEVICE", "BATCH_WINDOW_MS"):
-        monkeypatch.delenv(name, raising=False)
-    settings = Settings(_env_file=None)
-    assert settings.model_dir == Path("models")
-    assert settings.device == "auto"
-    assert (settings.host, settings.port, settings.workers) == ("127.0.0.1", 8000, 1)
-    assert settings.intra_op_threads == usable_cpus()
-    assert settings.inter_op_threads == 1
-    assert (settings.max_batch, settings.max_samples, settings.max_batch_rows) == (256, 1024, 256)
-    assert settings.batch_window_ms == 2.0
+def test_onnxruntime_threads_default_to_the_usable_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INTRA_OP_THREADS", raising=False)
+    assert Settings(_env_file=None).intra_op_threads == usable_cpus()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Every client mistake gets a 4xx in the one error shape, naming the field; the service stays healthy."""
+"""Request bodies: .npy and PNG inputs equal JSON ones, and every client mistake gets a 4xx in the
+one error shape, naming the field, while the service stays healthy."""
 
 from __future__ import annotations
 
@@ -18,15 +19,24 @@ import orjson
 import pytest
 from PIL import Image
 
+from service.arrays import read_npy
 from service.errors import ServiceError
-from service.requests import read_npy
-from tests.service.conftest import LATENT, PIXELS, image_batch, serve
+from service.media import NPY
+from service.responses import npy_bytes
+from tests.service.conftest import LATENT, PIXELS, f32, image_batch, serve
 
 pytestmark = pytest.mark.anyio
 
+
 URL = "/v1/models/tiny"
+
+
 MAX_BATCH = 4
+
+
 MAX_SAMPLES = 64
+
+
 GOOD_IMAGE = image_batch(1).reshape(-1).tolist()  # flat, 784 values in [0, 1]
 
 
@@ -82,7 +92,9 @@ class Case:
     says: str = ""  # a fragment the message must contain
 
 
-NPY = {"Content-Type": "application/x-npy"}
+NPY_BODY = {"Content-Type": NPY}
+
+
 CASES = {
     # the body as a whole
     "malformed-json": Case("tiny/encode", 400, "body", content=b'{"inputs": [', says="malformed JSON"),
@@ -196,33 +208,45 @@ CASES = {
         "tiny/decode", 422, "z", json={"z": [[0.0] * LATENT] * (MAX_BATCH + 1)}, says="MAX_BATCH"
     ),
     # npy bodies
-    "npy-garbage": Case("tiny/encode", 400, "body", content=b"\x93NUMPY garbage", headers=NPY, says=".npy"),
+    "npy-garbage": Case(
+        "tiny/encode", 400, "body", content=b"\x93NUMPY garbage", headers=NPY_BODY, says=".npy"
+    ),
     "npy-wrong-shape": Case(
-        "tiny/encode", 422, "inputs", content=_npy(np.zeros((2, 783), np.float32)), headers=NPY
+        "tiny/encode", 422, "inputs", content=_npy(np.zeros((2, 783), np.float32)), headers=NPY_BODY
     ),
     "npy-object-dtype": Case(
         "tiny/encode",
         422,
         "body",
         content=_npy(np.array([{"a": 1}], dtype=object)),
-        headers=NPY,
+        headers=NPY_BODY,
         says="numeric",
     ),
     "npy-huge-declared-shape": Case(
-        "tiny/encode", 400, "body", content=HUGE_NPY, headers=NPY, says="declares float32[1000000000000, 784]"
+        "tiny/encode",
+        400,
+        "body",
+        content=HUGE_NPY,
+        headers=NPY_BODY,
+        says="declares float32[1000000000000, 784]",
     ),
     "npy-truncated": Case(
-        "tiny/encode", 400, "body", content=_npy(image_batch(2))[:-4], headers=NPY, says="holds 6268"
+        "tiny/encode", 400, "body", content=_npy(image_batch(2))[:-4], headers=NPY_BODY, says="holds 6268"
     ),
     "npy-trailing-bytes": Case(
-        "tiny/encode", 400, "body", content=_npy(image_batch(1)) + b"\0" * 4, headers=NPY, says="holds 3140"
+        "tiny/encode",
+        400,
+        "body",
+        content=_npy(image_batch(1)) + b"\0" * 4,
+        headers=NPY_BODY,
+        says="holds 3140",
     ),
     "npy-negative-dims": Case(
         "tiny/encode",
         400,
         "body",
         content=_npy_header("<f4", (-1, -PIXELS)) + bytes(4 * PIXELS),
-        headers=NPY,
+        headers=NPY_BODY,
         says="negative",
     ),
     "npy-version-3": Case(
@@ -230,31 +254,38 @@ CASES = {
         400,
         "body",
         content=b"\x93NUMPY\x03\x00" + _npy(image_batch(1))[8:],
-        headers=NPY,
+        headers=NPY_BODY,
         says="version 3.0",
     ),
     "npy-too-many-dims": Case(
-        "tiny/encode", 400, "body", content=_npy_header("<f4", (1,) * 65) + bytes(4), headers=NPY, says="65"
+        "tiny/encode",
+        400,
+        "body",
+        content=_npy_header("<f4", (1,) * 65) + bytes(4),
+        headers=NPY_BODY,
+        says="65",
     ),
     "npy-header-not-python": Case(
-        "tiny/encode", 400, "body", content=b"\x93NUMPY\x01\x00\x05\x00{{{{\n", headers=NPY, says=".npy"
+        "tiny/encode", 400, "body", content=b"\x93NUMPY\x01\x00\x05\x00{{{{\n", headers=NPY_BODY, says=".npy"
     ),
-    "npz": Case("tiny/encode", 400, "body", content=_npz(), headers=NPY, says=".npz"),
+    "npz": Case("tiny/encode", 400, "body", content=_npz(), headers=NPY_BODY, says=".npz"),
     "npy-text-dtype": Case(
-        "tiny/encode", 422, "body", content=_npy(np.array(["a"])), headers=NPY, says="numeric"
+        "tiny/encode", 422, "body", content=_npy(np.array(["a"])), headers=NPY_BODY, says="numeric"
     ),
     "npy-nan": Case(
         "tiny/encode",
         422,
         "inputs.1.5",
         content=_npy(np.where(np.arange(2 * PIXELS).reshape(2, PIXELS) == PIXELS + 5, np.nan, 0.5)),
-        headers=NPY,
+        headers=NPY_BODY,
     ),
-    "npy-z-wrong-dim": Case("tiny/decode", 422, "z", content=_npy(np.zeros((3, LATENT + 1))), headers=NPY),
+    "npy-z-wrong-dim": Case(
+        "tiny/decode", 422, "z", content=_npy(np.zeros((3, LATENT + 1))), headers=NPY_BODY
+    ),
     "npy-bad-query": Case(
-        "tiny/encode?samples=lots", 422, "samples", content=_npy(image_batch(1)), headers=NPY
+        "tiny/encode?samples=lots", 422, "samples", content=_npy(image_batch(1)), headers=NPY_BODY
     ),
-    "npy-on-sample": Case("tiny/sample", 415, "body", content=_npy(np.zeros(3)), headers=NPY),
+    "npy-on-sample": Case("tiny/sample", 415, "body", content=_npy(np.zeros(3)), headers=NPY_BODY),
     # routing and negotiation
     "unknown-model": Case("nope/sample", 404, "model", json={}),
     "unknown-version": Case("tiny/versions/3/sample", 404, "version", json={}, says="'10'"),
@@ -269,6 +300,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def anyio_backend() -> str:
+    """Module scope, for the module-scoped client below."""
     return "asyncio"
 
 
@@ -348,3 +380,70 @@ def test_no_mangled_npy_header_escapes_as_anything_but_a_4xx() -> None:
                 read_npy(bytes(body))
             except ServiceError as exc:
                 assert exc.status in (400, 422), exc
+
+
+def load_npy(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == NPY
+    array: np.ndarray = np.load(io.BytesIO(response.content), allow_pickle=False)
+    return array
+
+
+def png_b64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+async def test_npy_request_bodies_equal_json_requests(client: httpx.AsyncClient) -> None:
+    images = image_batch(3)
+    as_json = (
+        await client.post(f"{URL}/encode", json={"inputs": images.tolist(), "samples": 2, "seed": 6})
+    ).json()
+    for array in (images, images.reshape(3, -1), (images * 255).round().astype(np.uint8)):
+        assert array.flags.c_contiguous
+        response = await client.post(
+            f"{URL}/encode?samples=2&seed=6", content=npy_bytes(array), headers={"Content-Type": NPY}
+        )
+        assert response.status_code == 200, response.text
+        for name in ("mu", "z"):
+            np.testing.assert_array_equal(f32(response.json()[name]), f32(as_json[name]))
+
+    binary = (images > 0.5).reshape(3, -1)  # values an int16 array can hold
+    binary_json = (await client.post(f"{URL}/encode", json={"inputs": binary.astype(float).tolist()})).json()
+    fortran_int16 = np.asfortranarray(binary.astype(">i2"))
+    assert fortran_int16.flags.f_contiguous and not fortran_int16.flags.c_contiguous
+    response = await client.post(
+        f"{URL}/encode", content=npy_bytes(fortran_int16), headers={"Content-Type": NPY}
+    )
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(f32(response.json()["mu"]), f32(binary_json["mu"]))
+
+    z = np.array([[0.5, -1.0, 0.0, 2.0]], dtype=np.float32)
+    decoded_npy = await client.post(
+        f"{URL}/decode", content=npy_bytes(z), headers={"Content-Type": NPY, "Accept": NPY}
+    )
+    decoded_json = (await client.post(f"{URL}/decode", json={"z": z.tolist()})).json()
+    np.testing.assert_array_equal(load_npy(decoded_npy), f32(decoded_json["samples"]))
+
+    recon = await client.post(
+        f"{URL}/reconstruct?mode=sample&seed=3", content=npy_bytes(images), headers={"Content-Type": NPY}
+    )
+    recon_json = (
+        await client.post(f"{URL}/reconstruct", json={"inputs": images.tolist(), "mode": "sample", "seed": 3})
+    ).json()
+    assert recon.json() == recon_json
+
+
+async def test_png_inputs_equal_their_pixels(client: httpx.AsyncClient) -> None:
+    pixels = (image_batch(2) * 255).round().astype(np.uint8)
+    as_numbers = (await client.post(f"{URL}/encode", json={"inputs": (pixels / 255).tolist()})).json()
+    pngs = [png_b64(p[0]) for p in pixels]
+    as_png = (
+        await client.post(f"{URL}/encode", json={"inputs": [pngs[0], "data:image/png;base64," + pngs[1]]})
+    ).json()
+    np.testing.assert_array_equal(f32(as_png["mu"]), f32(as_numbers["mu"]))
+    mixed = (
+        await client.post(f"{URL}/encode", json={"inputs": [pngs[0], (pixels[1] / 255).ravel().tolist()]})
+    ).json()
+    np.testing.assert_array_equal(f32(mixed["mu"]), f32(as_numbers["mu"]))

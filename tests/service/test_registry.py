@@ -1,0 +1,142 @@
+"""The model registry: broken models refused with reasons while the rest serve, readiness, versions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from bench import standin
+from bench.standin import rewrite_checksums
+from service.batching import Batcher
+from service.manifest import DECODER_FILE, ENCODER_FILE, MANIFEST_NAME, read_manifest
+from service.registry import ServedModel, version_key
+from service.runtime import CPU, CUDA
+from tests.service.conftest import (
+    LATENT,
+    NEWEST,
+    serve,
+    write_model,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One sound model and seven broken ones, each broken in a different way, plus a stray file."""
+    root = tmp_path_factory.mktemp("mixed")
+    write_model(root, "good", "1", seed=0)
+    corrupt = write_model(root, "corrupt", "1", seed=1)
+    with (corrupt / DECODER_FILE).open("ab") as f:
+        f.write(b"\0")
+    missing = write_model(root, "missing", "1", seed=2)
+    (missing / ENCODER_FILE).unlink()
+    invalid = write_model(root, "invalid", "1", seed=3)
+    text = (invalid / MANIFEST_NAME).read_text()
+    (invalid / MANIFEST_NAME).write_text(text.replace('"latent_dim": 4', '"latent_dim": 0'))
+    write_model(root, "mismatch", "1", seed=4, manifest_latent=LATENT + 1)  # checksums fine, graphs disagree
+    (root / "nomanifest" / "1").mkdir(parents=True)
+    moved = write_model(root, "moved", "1", seed=5)
+    moved.rename(root / "moved" / "7")  # manifest says version 1, directory says 7
+    baked = write_model(root, "baked", "1", seed=6)  # the export bug of a batch axis fixed at 1
+    onnx.save(
+        standin.decoder(np.random.default_rng(6), (), LATENT, reshape_to=(1, -1, 28, 28)),
+        baked / DECODER_FILE,
+    )
+    rewrite_checksums(baked)
+    (root / "README.txt").write_text("not a model")
+    return root
+
+
+EXPECTED_REFUSALS = {
+    "corrupt": f"{DECODER_FILE} has sha256",
+    "missing": f"{ENCODER_FILE} is missing",
+    "invalid": "latent_dim: Input should be greater than or equal to 1",
+    "mismatch": "the manifest says 5",
+    "nomanifest": f"{MANIFEST_NAME} is missing",
+    "moved": "says moved/1 but lives in moved/7",
+    "baked": "decoder.onnx: output 'x_mean' has a fixed batch size 1",
+}
+
+
+async def test_broken_models_are_refused_with_reasons_and_the_rest_serve(
+    mixed_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="service.registry"):
+        async with serve(mixed_dir) as client:
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            body = ready.json()
+            assert body["ready"] is False
+            assert body["models"] == ["good/1"]
+            reasons = {item["model"]: item["reason"] for item in body["not_ready"]}
+            assert reasons.keys() == EXPECTED_REFUSALS.keys()
+            for name, fragment in EXPECTED_REFUSALS.items():
+                assert fragment in reasons[name], reasons[name]
+            assert (await client.post("/v1/models/good/sample", json={"n": 1})).status_code == 200
+            assert (await client.post("/v1/models/corrupt/sample", json={"n": 1})).status_code == 404
+            metrics = (await client.get("/metrics")).text
+            assert 'vae_model_loaded{model="good",version="1"} 1.0' in metrics
+            assert 'vae_model_loaded{model="corrupt",version="1"} 0.0' in metrics
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(lines) == len(EXPECTED_REFUSALS)  # one line per refused model
+    for name in EXPECTED_REFUSALS:
+        (line,) = [line for line in lines if line.startswith(f"model {name}/")]
+        assert str(mixed_dir / name) in line
+
+
+async def test_corrupt_onnx_bytes_with_matching_checksum_are_refused(tmp_path: Path) -> None:
+    """A manifest that matches garbage: the checksum passes, onnxruntime refuses, the reason says so."""
+    directory = write_model(tmp_path, "garbage", "1", seed=0)
+    (directory / DECODER_FILE).write_bytes(b"not an onnx graph")
+    rewrite_checksums(directory)
+    async with serve(tmp_path) as client:
+        body = (await client.get("/readyz")).json()
+    (item,) = body["not_ready"]
+    assert item["model"] == "garbage"
+    assert str(directory / DECODER_FILE) in item["reason"]
+
+
+async def test_empty_model_dir_is_not_ready(tmp_path: Path) -> None:
+    async with serve(tmp_path) as client:
+        response = await client.get("/readyz")
+    assert response.status_code == 503
+    assert "no NAME/VERSION/ model directories" in response.json()["not_ready"][0]["reason"]
+
+
+async def test_missing_model_dir_fails_at_start(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        async with serve(tmp_path / "absent"):
+            pass
+
+
+def test_version_order() -> None:
+    assert sorted(["10", "2", "1", "beta", "alpha"], key=version_key) == ["alpha", "beta", "1", "2", "10"]
+
+
+async def test_each_graphs_providers_are_logged_and_reported(
+    model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="service.registry"):
+        async with serve(model_dir):
+            pass
+    assert f"model tiny/{NEWEST} loaded from" in caplog.text
+    assert f"encoder on ['{CPU}'], decoder on ['{CPU}']" in caplog.text
+
+
+def test_providers_are_both_graphs_best_first(model_dir: Path) -> None:
+    def batcher() -> Batcher:
+        return Batcher(lambda x: [x], name="fake", max_batch_rows=1, window_ms=0, max_queue_rows=1)
+
+    served = ServedModel(
+        manifest=read_manifest(model_dir / "tiny" / NEWEST),
+        path=model_dir / "tiny" / NEWEST,
+        graph_providers={"encoder": [CPU], "decoder": [CUDA, CPU]},
+        encoder=batcher(),
+        decoder=batcher(),
+    )
+    assert served.providers == [CUDA, CPU]
