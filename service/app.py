@@ -80,6 +80,7 @@ def create_app(settings: Settings) -> ServiceApp:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.draining = False  # set by the server on SIGTERM: /readyz answers 503 from then on
     install_error_handlers(app)
     install_middleware(
         app, metrics=metrics, known_models=registry.model_names, max_body_bytes=settings.max_body_bytes

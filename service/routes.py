@@ -179,12 +179,15 @@ async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-async def readyz(registry: RegistryDep) -> Response:
+async def readyz(request: Request, registry: RegistryDep) -> Response:
+    """503 while draining (after SIGTERM: `app.state.draining`) or while models are missing."""
     problems = registry.not_ready()
+    draining: bool = request.app.state.draining
     loaded = [f"{m.manifest.name}/{m.manifest.version}" for m in registry.served()]
-    body = Readiness(ready=not problems, models=loaded, not_ready=[asdict(p) for p in problems])
+    ready = not problems and not draining
+    body = Readiness(ready=ready, draining=draining, models=loaded, not_ready=[asdict(p) for p in problems])
     response = json_response(body.model_dump())
-    response.status_code = 503 if problems else 200
+    response.status_code = 200 if ready else 503
     return response
 
 

@@ -174,6 +174,7 @@ class NotReadyItem(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+    draining: bool = Field(description="Shutting down (after SIGTERM): still serving, but not for long.")
     models: list[str] = Field(description="Loaded NAME/VERSION pairs.")
     not_ready: list[NotReadyItem]
 

@@ -93,6 +93,71 @@ class Settings(BaseSettings):
         description="Rows waiting or running per graph before requests get 503 (bounds queueing to well "
         "under a second of work; 64 concurrent requests of 256 rows fit).",
     )
+    # ---- connections (service.server) ----
+    max_connections: int = Field(
+        1000, ge=1, description="Open connections per worker; past it new ones are closed at once (logged)."
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Request line and headers together; larger gets 431 (URL alone: 414)."
+    )
+    max_headers: int = Field(100, ge=1, description="Most header lines per request; more gets 431.")
+    max_url_bytes: int = Field(
+        8192, ge=64, description="Longest request target (path + query); longer gets 414."
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds to receive a request's line and headers, else the socket is closed."
+    )
+    body_timeout: float = Field(
+        60.0, gt=0, description="Seconds to receive a whole request body, else 408 and the socket is closed."
+    )
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open."
+    )
+    server_header: bool = Field(False, description="Send uvicorn's `server: uvicorn` response header.")
+    # ---- lifecycle ----
+    drain_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="After SIGTERM: /readyz answers 503 and requests are still served this long, so load "
+        "balancers stop sending, before the server stops accepting.",
+    )
+    shutdown_timeout: float = Field(
+        20.0,
+        gt=0,
+        description="After the drain: most seconds in-flight requests get before the process exits.",
+    )
+    reload_poll_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="Rescan MODEL_DIR this often and load what changed; 0 = only on SIGHUP or "
+        "POST /admin/reload.",
+    )
+    ready_requires_all: bool = Field(
+        False,
+        description="Readiness needs every version under MODEL_DIR loaded; false: every model name has at least "
+        "one servable version.",
+    )
+    # ---- access ----
+    api_keys: str = Field(
+        "",
+        description="API keys as NAME:KEY pairs, comma-separated, or the path of a file with one pair per line; "
+        "empty = no authentication.",
+    )
+    metrics_require_key: bool = Field(False, description="With API_KEYS set, /metrics needs a key too.")
+    cors_origins: str = Field(
+        "",
+        description="Origins allowed to call the API from a browser, comma-separated (`*`: any); empty = CORS off.",
+    )
+    # ---- request parsing ----
+    parse_workers: int = Field(
+        1, ge=0, description="Processes parsing large JSON bodies off the event loop; 0 = parse in a thread."
+    )
+    parse_offload_bytes: int = Field(
+        256 * 1024, ge=0, description="JSON bodies at least this large are parsed off the event loop."
+    )
+    max_png_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest base64-decoded PNG item; larger gets 422."
+    )
     log_level: LogLevel = Field("info", description="Log level of the service and uvicorn.")
     access_log: bool = Field(
         True, description="uvicorn's per-request access log line (costs CPU under load)."
