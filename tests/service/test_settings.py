@@ -107,9 +107,9 @@ def _as_default(name: str, text: str) -> object:
 
 
 def _readme_table() -> dict[str, str]:
-    """README.md's configuration table: variable -> the first `code` in its default column."""
+    """README.md's configuration table: variable -> the first `code` in its default column ("empty": "")."""
     section = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^\| `([A-Z_]+)` \| `([^`]*)`", section, flags=re.MULTILINE))
+    return dict(re.findall(r"^\| `([A-Z_]+)` \| (?:`([^`]*)`|empty)", section, flags=re.MULTILINE))
 
 
 def _env_example() -> dict[str, str]:
