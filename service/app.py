@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from service.dispatch import OperationDispatch, OperationRoute
+from service.docs import add_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import ErrorBoundary, install_middleware
@@ -76,16 +77,22 @@ def create_app(settings: Settings) -> ServiceApp:
             gc.unfreeze()
             await registry.stop()
 
-    app = ServiceApp(title="VAE serving", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    app = ServiceApp(
+        title="VAE serving",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # service.docs serves /docs and /redoc without a CDN
+        redoc_url=None,
+    )
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.draining = False  # set by the server on SIGTERM: /readyz answers 503 from then on
     install_error_handlers(app)
-    install_middleware(
-        app, metrics=metrics, known_models=registry.model_names, max_body_bytes=settings.max_body_bytes
-    )
+    install_middleware(app, settings=settings, metrics=metrics, known_models=registry.model_names)
     add_routes(app, settings)
+    add_docs(app)
     return app
 
 

@@ -10,6 +10,8 @@ single field is to blame). The hierarchy:
 
     ServiceError            status, field, message, headers
      ├── BadRequest          400  the body cannot be parsed at all (malformed JSON, broken .npy)
+     ├── Unauthorized        401  no valid API key (API_KEYS set), with WWW-Authenticate
+     ├── Forbidden           403  not allowed even with a key (admin routes without API_KEYS)
      ├── NotFound            404  unknown model or version
      ├── NotAcceptable       406  no response type the client accepts
      ├── PayloadTooLarge     413  body over MAX_BODY_BYTES
@@ -53,6 +55,14 @@ class ServiceError(Exception):
 
 class BadRequest(ServiceError):
     status = 400
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+
+class Forbidden(ServiceError):
+    status = 403
 
 
 class NotFound(ServiceError):

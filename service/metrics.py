@@ -52,6 +52,12 @@ class Metrics:
             multiprocess_mode="min",
             registry=self.registry,
         )
+        self.key_requests = Counter(
+            "vae_api_key_requests",
+            "Requests by API key name (API_KEYS) and status.",
+            ["key", "status"],
+            registry=self.registry,
+        )
         self._children: dict[tuple[str, str, int], tuple[Any, Any | None, Any]] = {}
         self._sample_children: dict[tuple[str, str], Any] = {}
         graph = ["model", "version", "graph"]
@@ -92,6 +98,10 @@ class Metrics:
         if errors is not None:
             errors.inc()
         latency.observe(seconds)
+
+    def count_key(self, key: str, status: int) -> None:
+        """Count one request made with the API key named `key` (the names are few: API_KEYS)."""
+        self.key_requests.labels(key, str(status)).inc()
 
     def count_samples(self, endpoint: str, model: str, rows: int) -> None:
         """Add `rows` eps rows to vae_samples_generated (children cached, as in `observe_request`)."""

@@ -3,9 +3,13 @@
 The stack, outermost first:
 
     ErrorBoundary     a 500 in the error shape for a bug anywhere below, then re-raised (uvicorn logs it)
-    RequestMetrics    counts and times every response, 413s included      } `install_middleware`; later
-    BodySizeLimit     413 before a handler reads a body over MAX_BODY_BYTES } `add_middleware` calls go above
+    CORSMiddleware    CORS_ORIGINS' preflights and headers (Starlette's; only when configured)  }
+    RequestMetrics    counts and times every response, 401s and 413s included                  } `install_
+    ApiKeys           401 without a valid key when API_KEYS is set (`service.access`)           } middleware`
+    BodySizeLimit     413 before a handler reads a body over MAX_BODY_BYTES                    }
     OperationDispatch model operations to their routes, the rest to FastAPI (`service.dispatch`)
+
+Middlewares added later with `add_middleware` go above the four in the middle.
 
 Starlette keeps the middle ones in `app.user_middleware`; `ServiceApp.build_middleware_stack` puts the
 error boundary above them and the dispatch below them, so a middleware added later with
@@ -18,22 +22,40 @@ import time
 from collections.abc import Callable, Container
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.access import ApiKeys, parse_api_keys
 from service.errors import PayloadTooLarge, error_body, render
 from service.metrics import Metrics
+from service.settings import Settings
 
+EXPOSED_HEADERS = ["X-Seed", "X-Grid-Cols", "X-Grid-Rows", "Retry-After", "WWW-Authenticate"]
+"""Response headers a browser page on another origin may read."""
 UNMATCHED = "<unmatched>"
 UNKNOWN_MODEL = "<unknown>"
 
 
 def install_middleware(
-    app: FastAPI, *, metrics: Metrics, known_models: Callable[[], Container[str]], max_body_bytes: int
+    app: FastAPI, *, settings: Settings, metrics: Metrics, known_models: Callable[[], Container[str]]
 ) -> None:
     """Add the service's middlewares (each `add_middleware` wraps what is already there)."""
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        ApiKeys,
+        keys=parse_api_keys(settings.api_keys.get_secret_value()),
+        metrics_open=not settings.metrics_require_key,
+    )
     app.add_middleware(RequestMetrics, metrics=metrics, known_models=known_models)
+    if origins := settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", "Accept"],
+            expose_headers=EXPOSED_HEADERS,
+        )
 
 
 class ErrorBoundary:
@@ -96,6 +118,8 @@ class RequestMetrics:
             if model and model not in self.known_models():
                 model = UNKNOWN_MODEL
             self.metrics.observe_request(endpoint, model, status, time.perf_counter() - start)
+            if key := scope.get("state", {}).get("api_key"):
+                self.metrics.count_key(key, status)
 
 
 class BodySizeLimit:

@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.access import parse_api_keys
 
 Device = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -53,7 +55,11 @@ def usable_cpus() -> int:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        hide_input_in_errors=True,  # errors name the setting and the rule, never echo a value (API_KEYS)
     )
 
     model_dir: Path = Field(Path("models"), description="Directory holding NAME/VERSION/ model directories.")
@@ -138,8 +144,8 @@ class Settings(BaseSettings):
         "one servable version.",
     )
     # ---- access ----
-    api_keys: str = Field(
-        "",
+    api_keys: SecretStr = Field(
+        SecretStr(""),
         description="API keys as NAME:KEY pairs, comma-separated, or the path of a file with one pair per line; "
         "empty = no authentication.",
     )
@@ -162,6 +168,18 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         True, description="uvicorn's per-request access log line (costs CPU under load)."
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_parse(cls, value: SecretStr) -> SecretStr:
+        parse_api_keys(
+            value.get_secret_value()
+        )  # refuses a malformed list or file at start, naming the entry
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     @model_validator(mode="after")
     def _resolve_threads(self) -> Self:

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.access import ApiKeys
 from service.app import ServiceApp, create_app
 from service.middleware import BodySizeLimit, ErrorBoundary, RequestMetrics
 from tests.service.conftest import make_settings
@@ -35,7 +36,7 @@ def test_both_paths_cross_the_same_middlewares_and_nothing_else(model_dir: Path)
     between the dispatch and the handler; on FastAPI's path: only FastAPI's own machinery, then its router."""
     app = create_app(make_settings(model_dir))
     stack = chain(built_stack(app))
-    assert [type(layer) for layer in stack[:-1]] == [ErrorBoundary, RequestMetrics, BodySizeLimit]
+    assert [type(layer) for layer in stack[:-1]] == [ErrorBoundary, RequestMetrics, ApiKeys, BodySizeLimit]
     assert one_path_only(find_dispatch(app)) == []
 
 
