@@ -43,6 +43,7 @@ import argparse
 import gzip
 import io
 import json
+import math
 import os
 import platform
 import shutil
@@ -970,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = read_manifest(version_dir)
         model_note = f"{manifest.name}/{manifest.version} ({model_note}; {manifest.architecture})"
         print(f"model: {model_note}", flush=True)
-        all_scenarios = scenarios(manifest.input_size)
+        all_scenarios = scenarios(math.prod(manifest.input_shape))
         wanted = {
             key: [all_scenarios[k] for k in SERVERS[key].scenarios if k in args.requests or k == "noop"]
             for key in args.servers
