@@ -89,31 +89,29 @@ def _fast_numeric(value: list[Any]) -> Numeric | None:
     return array if array.dtype.kind in "iuf" else None
 
 
-def _png_pixels(text: str, path: str, input_shape: tuple[int, ...]) -> F32:
-    """An 8-bit grayscale PNG of the model's height x width, as values in [0, 1]."""
-    if len(input_shape) == 3 and input_shape[0] == 1:
-        height, width = input_shape[1:]
-    elif len(input_shape) == 2:
-        height, width = input_shape
-    else:
-        raise InvalidInput(
-            f"this model's input shape {list(input_shape)} cannot come as a grayscale PNG; send numbers",
-            field=path,
-        )
+def _png_pixels(text: str, path: str, input_shape: tuple[int, ...], max_bytes: int) -> F32:
+    """An 8-bit grayscale PNG of the model's height x width, as values in [0, 1].
+
+    Its size, dimensions and chunk count are checked before Pillow decodes anything, so that a small image
+    wrapped in megabytes of metadata costs no more than its bytes' length to refuse.
+    """
+    height, width = _png_size(input_shape, path)
     if text.startswith("data:"):
         header, _, text = text.partition(",")
         if header != "data:image/png;base64":
             raise InvalidInput(f"expected a data:image/png;base64 URL, got {header!r}", field=path)
+    if len(text) * 3 // 4 > max_bytes:
+        raise InvalidInput(f"a PNG item may hold at most {max_bytes} bytes (MAX_PNG_BYTES)", field=path)
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput("expected a base64-encoded PNG (or a list of numbers)", field=path) from None
-    # Read the size from the IHDR chunk ourselves so an oversized image is refused before Pillow decodes it.
     if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         raise InvalidInput("base64 data is not a PNG", field=path)
     png_width, png_height = struct.unpack(">II", data[16:24])
     if (png_width, png_height) != (width, height):
         raise InvalidInput(f"expected a {width}x{height} PNG, got {png_width}x{png_height}", field=path)
+    _check_chunks(data, path)
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
             if image.mode != "L":
@@ -121,16 +119,46 @@ def _png_pixels(text: str, path: str, input_shape: tuple[int, ...]) -> F32:
                     f"expected an 8-bit grayscale PNG (mode L), got mode {image.mode}", field=path
                 )
             pixels = np.asarray(image, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidInput(f"unreadable PNG: {exc}", field=path) from None
+    except (OSError, ValueError, SyntaxError, struct.error):
+        raise InvalidInput("unreadable PNG: its image data is corrupt or truncated", field=path) from None
     return (pixels.astype(np.float32) / np.float32(255)).reshape(input_shape)
 
 
-def _one_image(item: object, path: str, input_shape: tuple[int, ...]) -> tuple[F32, bool]:
+def _png_size(input_shape: tuple[int, ...], path: str) -> tuple[int, int]:
+    """(height, width) of a grayscale image of `input_shape`, or InvalidInput if it has channels."""
+    if len(input_shape) == 3 and input_shape[0] == 1:
+        return input_shape[1], input_shape[2]
+    if len(input_shape) == 2:
+        return input_shape[0], input_shape[1]
+    raise InvalidInput(
+        f"this model's input shape {list(input_shape)} cannot come as a grayscale PNG; send numbers",
+        field=path,
+    )
+
+
+MAX_PNG_CHUNKS = 64
+"""A grayscale image needs IHDR, a few IDATs and IEND; more chunks than this is metadata padding."""
+
+
+def _check_chunks(data: bytes, path: str) -> None:
+    """Walk the chunk headers (length, type) without reading their data: refuse too many, or a broken walk."""
+    offset, count = len(PNG_SIGNATURE), 0
+    while offset + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        count += 1
+        if count > MAX_PNG_CHUNKS:
+            raise InvalidInput(f"a PNG item may hold at most {MAX_PNG_CHUNKS} chunks", field=path)
+        if data[offset + 4 : offset + 8] == b"IEND":
+            return
+        offset += 12 + length  # length, type, data, CRC
+    raise InvalidInput("unreadable PNG: it ends before its IEND chunk", field=path)
+
+
+def _one_image(item: object, path: str, input_shape: tuple[int, ...], max_png_bytes: int) -> tuple[F32, bool]:
     """One request item -> (image in input_shape, whether the client sent it flat)."""
     size = math.prod(input_shape)
     if isinstance(item, str):
-        return _png_pixels(item, path, input_shape), True
+        return _png_pixels(item, path, input_shape, max_png_bytes), True
     shape_text = f"an image is {size} numbers flat or nested as {list(input_shape)}"
     if not isinstance(item, list):
         raise InvalidInput(
@@ -170,6 +198,7 @@ def parse_images(
     input_shape: tuple[int, ...],
     value_range: tuple[float, float],
     max_batch: int,
+    max_png_bytes: int,
     field: str = "inputs",
 ) -> F32:
     """JSON `inputs` -> float32 [batch, *input_shape], or InvalidInput naming the offending element."""
@@ -186,7 +215,9 @@ def parse_images(
         images = _to_float32(array).reshape(len(value), *input_shape)
         flat = [array.ndim == 2] * len(value)
     else:
-        parsed = [_one_image(item, f"{field}.{i}", input_shape) for i, item in enumerate(value)]
+        parsed = [
+            _one_image(item, f"{field}.{i}", input_shape, max_png_bytes) for i, item in enumerate(value)
+        ]
         images = np.stack([image for image, _ in parsed])
         flat = [is_flat for _, is_flat in parsed]
     _check_values(images, field, flat, input_shape, value_range)

@@ -44,6 +44,7 @@ class Images:
     shape: tuple[int, ...]
     value_range: tuple[float, float]
     max_rows: int
+    max_png_bytes: int
     field = "inputs"
 
 
@@ -105,7 +106,7 @@ def parse_body(
 
 def _json_array(value: object, spec: Images | Latents) -> F32:
     if isinstance(spec, Images):
-        return parse_images(value, spec.shape, spec.value_range, spec.max_rows)
+        return parse_images(value, spec.shape, spec.value_range, spec.max_rows, spec.max_png_bytes)
     return parse_latents(value, spec.dim, spec.max_rows)
 
 

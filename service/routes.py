@@ -82,7 +82,7 @@ Version = Annotated[str, Path(description="Model version, a directory under MODE
 
 def images_of(served: ServedModel, settings: Settings) -> Images:
     manifest = served.manifest
-    return Images(manifest.input_shape, manifest.value_range, settings.max_batch)
+    return Images(manifest.input_shape, manifest.value_range, settings.max_batch, settings.max_png_bytes)
 
 
 def seed_of(requested: int | None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import re
 import struct
 import warnings
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ import numpy as np
 import orjson
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from service.arrays import read_npy
 from service.errors import ServiceError
@@ -57,6 +59,31 @@ def _png(size: tuple[int, int], mode: str) -> str:
     buffer = io.BytesIO()
     Image.new(mode, size).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _png_with_text(chunks: int, text: str = "x") -> str:
+    """A valid 28x28 grayscale PNG carrying `chunks` tEXt chunks of metadata."""
+    info = PngInfo()
+    for i in range(chunks):
+        info.add_text(f"k{i}", text)
+    buffer = io.BytesIO()
+    Image.new("L", (28, 28)).save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _png_with_bad_pixels() -> str:
+    """A PNG whose header is right and whose image data is garbage (Pillow fails inside decoding)."""
+    data = bytearray(base64.b64decode(_png((28, 28), "L")))
+    idat = data.index(b"IDAT") + 4
+    data[idat : idat + 8] = b"\xff" * 8
+    return base64.b64encode(bytes(data)).decode()
+
+
+def _png_with_bad_header_crc() -> str:
+    """A PNG whose IHDR checksum is wrong: Pillow cannot identify it (its message names a Python object)."""
+    data = bytearray(base64.b64decode(_png((28, 28), "L")))
+    data[29] ^= 0xFF  # the first byte of IHDR's CRC: signature 8 + length 4 + type 4 + data 13
+    return base64.b64encode(bytes(data)).decode()
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -166,6 +193,22 @@ CASES = {
     ),
     "png-rgb": Case(
         "tiny/encode", 422, "inputs.0", json={"inputs": [_png((28, 28), "RGB")]}, says="grayscale"
+    ),
+    "png-over-max-png-bytes": Case(
+        "tiny/encode",
+        422,
+        "inputs.0",
+        json={"inputs": [_png_with_text(1, "x" * 70_000)]},
+        says="MAX_PNG_BYTES",
+    ),
+    "png-metadata-padding": Case(
+        "tiny/encode", 422, "inputs.0", json={"inputs": [_png_with_text(200)]}, says="at most 64 chunks"
+    ),
+    "png-corrupt-pixels": Case(
+        "tiny/encode", 422, "inputs.0", json={"inputs": [_png_with_bad_pixels()]}, says="unreadable PNG"
+    ),
+    "png-bad-header-crc": Case(
+        "tiny/encode", 422, "inputs.0", json={"inputs": [_png_with_bad_header_crc()]}, says="unreadable PNG"
     ),
     # small fields
     "samples-negative": Case("tiny/encode", 422, "samples", json={"inputs": [GOOD_IMAGE], "samples": -1}),
@@ -324,6 +367,7 @@ async def test_bad_request_gets_a_4xx_naming_the_field(limited: httpx.AsyncClien
     assert error["status"] == case.status
     assert error["field"] == case.field, error
     assert case.says in error["message"]
+    assert not re.search(r"0x[0-9a-f]{6,}|object at", error["message"]), "internals in a message"
 
     after = await limited.post(f"{URL}/sample", json={"n": 1, "seed": 0})
     assert after.status_code == 200, "a good request after a bad one must still work"
