@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MANIFEST_NAME = "model.json"
 ENCODER_FILE = "encoder.onnx"
@@ -36,8 +36,27 @@ class _Strict(BaseModel):
 
 
 class FileEntry(_Strict):
-    path: str = Field(description="File name relative to the model directory.")
+    path: str = Field(description="File name relative to the model directory, inside it.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the file's bytes.")
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_model_directory(cls, path: str) -> str:
+        """Refuse names that leave the model directory, so nothing outside it is ever read or hashed.
+
+        Lexical only: a symlink inside the directory can still point out of it, which the reader checks
+        against the resolved path (`service.registry`).
+        """
+        parts = PurePosixPath(path).parts
+        if path.startswith("/"):
+            raise ValueError("must be a relative path inside the model directory, not an absolute one")
+        if "\\" in path:
+            raise ValueError("must separate directories with '/', not '\\'")
+        if ".." in parts:
+            raise ValueError("must stay inside the model directory: '..' is not allowed")
+        if not parts:  # "" or "."
+            raise ValueError("must name a file inside the model directory")
+        return path
 
 
 class ModelFiles(_Strict):
@@ -122,15 +141,20 @@ def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
     return path
 
 
-def verify_checksums(model_dir: Path, manifest: Manifest) -> list[str]:
-    """Return one problem per file that is missing or whose SHA-256 differs from the manifest (empty if fine)."""
+def verify_checksums(model_dir: Path, manifest: Manifest, *, shown_as: str | None = None) -> list[str]:
+    """Return one problem per file that is missing or whose SHA-256 differs from the manifest (empty if fine).
+
+    Problems name each file as `shown_as/entry.path` (default: `model_dir/entry.path`), so a server can
+    name it relative to its MODEL_DIR rather than show where it lives on disk.
+    """
     problems = []
     for role, entry in (("encoder", manifest.files.encoder), ("decoder", manifest.files.decoder)):
         path = model_dir / entry.path
+        shown = path if shown_as is None else f"{shown_as}/{entry.path}"
         if not path.is_file():
-            problems.append(f"{role} file {path} is missing")
+            problems.append(f"{role} file {shown} is missing")
             continue
         actual = sha256_file(path)
         if actual != entry.sha256:
-            problems.append(f"{role} file {path} has sha256 {actual}, manifest says {entry.sha256}")
+            problems.append(f"{role} file {shown} has sha256 {actual}, manifest says {entry.sha256}")
     return problems
