@@ -34,7 +34,7 @@ import uvloop
 from starlette.types import Message, Receive, Scope, Send
 
 from bench.peer_noop import app as noop_app
-from bench.serve_bench import find_model
+from bench.serve_scenarios import find_model
 from service.app import create_app
 from service.batching import Batcher
 from service.dispatch import OperationDispatch, OperationRoute

@@ -12,24 +12,11 @@ from dataclasses import replace
 import pytest
 from prometheus_client import generate_latest
 
-from bench.serve_bench import (
-    BATCH_REQUESTS,
-    CEILING,
-    REQUESTS,
-    SERVERS,
-    TRUNCATED,
-    Point,
-    Scenario,
-    ServerRun,
-    Side,
-    brief,
-    comparisons,
-    goals,
-    merged_totals,
-    scenarios,
-    sweep_table,
-)
 from bench.serve_load import Load, Paired, alternate, parse_wrk
+from bench.serve_pairs import CEILING, Side, comparisons
+from bench.serve_report import TRUNCATED, goals, sweep_table
+from bench.serve_scenarios import REQUESTS, SERVERS, Scenario, scenarios
+from bench.serve_sweep import BATCH_REQUESTS, Point, ServerRun, brief, merged_totals
 from service.metrics import Metrics
 
 SCENARIOS = scenarios(784)
