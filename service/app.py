@@ -22,6 +22,7 @@ from service.docs import add_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import ErrorBoundary, install_middleware
+from service.parse_pool import ParsePool
 from service.registry import Registry
 from service.routes import add_routes
 from service.settings import Settings
@@ -63,10 +64,12 @@ class ServiceApp(FastAPI):
 def create_app(settings: Settings) -> ServiceApp:
     metrics = Metrics()
     registry = Registry(settings=settings, metrics=metrics)
+    parse_pool = ParsePool(settings.parse_workers, settings.parse_offload_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await registry.start()
+        await parse_pool.start()
         # What exists now (modules, schemas, sessions) lives as long as the process. Frozen, it is no longer
         # scanned by the cyclic collector, so a full collection under load walks only what requests made.
         gc.collect()
@@ -75,6 +78,7 @@ def create_app(settings: Settings) -> ServiceApp:
             yield
         finally:
             gc.unfreeze()
+            await parse_pool.stop()
             await registry.stop()
 
     app = ServiceApp(
@@ -88,6 +92,7 @@ def create_app(settings: Settings) -> ServiceApp:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.parse_pool = parse_pool
     app.state.draining = False  # set by the server on SIGTERM: /readyz answers 503 from then on
     install_error_handlers(app)
     install_middleware(app, settings=settings, metrics=metrics, known_models=registry.model_names)

@@ -52,6 +52,16 @@ class ServiceError(Exception):
         self.field = field
         self.headers = headers or {}
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with field and headers (a body parsed in another process raises it there)."""
+        return (_rebuild, (type(self), self.message, self.field, self.headers))
+
+
+def _rebuild(
+    cls: type[ServiceError], message: str, field: str | None, headers: dict[str, str]
+) -> ServiceError:
+    return cls(message, field=field, headers=headers)
+
 
 class BadRequest(ServiceError):
     status = 400

@@ -31,6 +31,7 @@ from service.arrays import (
 from service.errors import BadRequest, InvalidInput, UnsupportedMedia
 from service.media import JSON, NPY, content_type
 from service.operations import F32
+from service.parse_pool import ParsePool
 from service.schemas import RequestParams
 
 P = TypeVar("P", bound=RequestParams)
@@ -59,17 +60,25 @@ class Latents:
 
 async def read_params(request: Request, model: type[P]) -> P:
     """The parameters of an operation without a bulk array (a JSON body, or none and the query string)."""
-    params, _ = parse_body(await request.body(), content_type(request.headers), _query(request), model, None)
+    params, _ = await _parse(request, model, None)
     return params
 
 
 async def read_arrays(request: Request, model: type[P], spec: Images | Latents) -> tuple[P, F32]:
     """The parameters and the checked float32 array of an operation with a bulk field (JSON or .npy body)."""
-    params, array = parse_body(
-        await request.body(), content_type(request.headers), _query(request), model, spec
-    )
+    params, array = await _parse(request, model, spec)
     assert array is not None  # parse_body returns an array whenever it is given a spec
     return params, array
+
+
+async def _parse(request: Request, model: type[P], spec: Images | Latents | None) -> tuple[P, F32 | None]:
+    """parse_body, on the event loop for small or .npy bodies, else in the app's ParsePool."""
+    body = await request.body()
+    media = content_type(request.headers)
+    pool: ParsePool = request.app.state.parse_pool
+    if media != NPY and pool.offloads(len(body)):
+        return await pool.run(parse_body, body, media, _query(request), model, spec)
+    return parse_body(body, media, _query(request), model, spec)
 
 
 def _query(request: Request) -> dict[str, str]:

@@ -54,6 +54,7 @@ def make_settings(model_dir: Path, **overrides: Any) -> Settings:
         "max_queue_rows": 4096,
         "max_batch_rows": 64,
         "batch_window_ms": 2.0,
+        "parse_workers": 0,  # a process pool per app would cost a spawn per test; test_parse_pool covers it
         **overrides,
     }
     return Settings(_env_file=None, **values)
