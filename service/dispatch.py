@@ -16,6 +16,7 @@ path served it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -23,9 +24,9 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import EXPECTED, render
+from service.errors import EXPECTED, error_response, render
 from service.registry import ServedModel
 
 Operation = Callable[[Request, ServedModel], Awaitable[Response]]
@@ -47,14 +48,59 @@ class OperationRoute(APIRoute):
         super().__init__(path, endpoint, methods=["POST"], **kwargs)
 
         async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            request = Request(scope, receive, send)
+            watch = DisconnectWatch(receive)
+            request = Request(scope, watch.receive, send)
             try:
                 response = await endpoint(request, resolve(request))
             except EXPECTED as exc:
                 response = render(exc, scope["path"])
+            except asyncio.CancelledError:
+                if not watch.disconnected:
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                response = error_response(CLIENT_CLOSED, "the client closed the connection")
+            finally:
+                watch.stop()
             await response(scope, receive, send)
 
         self.app = app
+
+
+CLIENT_CLOSED = 499
+"""nginx's status for a request whose client went away: counted in the metrics, sent to nobody."""
+
+
+class DisconnectWatch:
+    """Cancels the request's task when its client disconnects after sending the body, so a request nobody
+    waits for leaves the batch queue before it runs (the batcher drops a cancelled caller's rows).
+
+    The handler reads its body through `receive`; once the last body message has passed, one more
+    `receive()` on the server's channel returns only when the client disconnects (or the response is done,
+    by which time the watch has stopped).
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+        self.disconnected = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request" and not message.get("more_body", False) and self._task is None:
+            self._task = asyncio.create_task(self._watch(asyncio.current_task()))
+        elif message["type"] == "http.disconnect":
+            self.disconnected = True
+        return message
+
+    async def _watch(self, request_task: asyncio.Task[Any] | None) -> None:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and request_task is not None:
+            self.disconnected = True
+            request_task.cancel()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
 
 
 class OperationDispatch:

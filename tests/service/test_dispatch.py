@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,56 @@ async def test_a_bug_in_an_operation_is_a_500_in_the_error_shape_and_is_counted(
         assert (await client.post("/v1/models/tiny/decode", json={"z": [[0.0] * LATENT]})).status_code == 200
         metrics = (await client.get("/metrics")).text
     assert 'vae_requests_total{endpoint="sample",model="tiny",status="500"} 1.0' in metrics
+
+
+async def test_a_request_whose_client_left_is_dropped_from_the_queue_before_it_runs(model_dir: Path) -> None:
+    """A (a client that waits) holds the decoder's one run; B's client disconnects while B is queued behind
+    it: B is answered 499 (to nobody, for the metrics) and its rows never reach a run."""
+    app = create_app(make_settings(model_dir, batch_window_ms=0.0))
+    async with app.router.lifespan_context(app):
+        decoder = app.state.registry.resolve("tiny").decoder
+        entered, release = threading.Event(), threading.Event()
+        run_rows: list[int] = []
+        real_run = decoder._run
+
+        def gated_run(*inputs: Any) -> Any:
+            run_rows.append(len(inputs[0]))
+            entered.set()
+            release.wait(10)
+            return real_run(*inputs)
+
+        decoder._run = gated_run
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            a = asyncio.create_task(client.post("/v1/models/tiny/sample", json={"n": 1, "seed": 1}))
+            await asyncio.to_thread(entered.wait, 10)
+
+            messages = [{"type": "http.request", "body": b'{"n": 3, "seed": 2}', "more_body": False}]
+            left = asyncio.Event()
+
+            async def receive() -> dict[str, Any]:
+                if messages:
+                    return messages.pop(0)
+                await left.wait()
+                return {"type": "http.disconnect"}
+
+            sent: list[dict[str, Any]] = []
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {
+                **http_scope("POST", "/v1/models/tiny/sample"),
+                "headers": [(b"content-type", b"application/json")],
+            }
+            b = asyncio.create_task(app(scope, receive, send))
+            for _ in range(50):  # let B reach the queue
+                await asyncio.sleep(0)
+            left.set()
+            await asyncio.wait_for(b, 10)
+            release.set()
+            assert (await a).status_code == 200
+            metrics = (await client.get("/metrics")).text
+    assert run_rows == [1]  # A's one row; B's three never ran
+    assert sent[0]["status"] == 499
+    assert 'vae_requests_total{endpoint="sample",model="tiny",status="499"} 1.0' in metrics
