@@ -163,16 +163,21 @@ def model_info(served: ServedModel, versions: list[str]) -> dict[str, Any]:
 
 
 async def list_models(registry: RegistryDep) -> Response:
-    models = [model_info(registry.resolve(name), registry.versions(name)) for name in sorted(registry.models)]
-    return json_response({"models": models})
+    catalog = registry.catalog  # one set of versions for the whole answer, whatever a reload does
+    models = [
+        model_info(catalog.resolve(name), list(catalog.versions[name])) for name in sorted(catalog.models)
+    ]
+    return json_response({"models": models, "refused": [asdict(failure) for failure in catalog.failures]})
 
 
 async def get_model(model: ModelName, registry: RegistryDep) -> Response:
-    return json_response(model_info(registry.resolve(model), registry.versions(model)))
+    catalog = registry.catalog
+    return json_response(model_info(catalog.resolve(model), list(catalog.versions[model])))
 
 
 async def get_model_version(model: ModelName, version: Version, registry: RegistryDep) -> Response:
-    return json_response(model_info(registry.resolve(model, version), registry.versions(model)))
+    catalog = registry.catalog
+    return json_response(model_info(catalog.resolve(model, version), list(catalog.versions[model])))
 
 
 async def healthz() -> Response:
@@ -180,11 +185,12 @@ async def healthz() -> Response:
 
 
 async def readyz(request: Request, registry: RegistryDep) -> Response:
-    """503 while draining (after SIGTERM: `app.state.draining`) or while models are missing."""
+    """503 while draining (after SIGTERM: `app.state.draining`) or while a model name has no servable version
+    (READY_REQUIRES_ALL: while any version is refused); refused versions are listed either way."""
     problems = registry.not_ready()
     draining: bool = request.app.state.draining
     loaded = [f"{m.manifest.name}/{m.manifest.version}" for m in registry.served()]
-    ready = not problems and not draining
+    ready = registry.ready() and not draining
     body = Readiness(ready=ready, draining=draining, models=loaded, not_ready=[asdict(p) for p in problems])
     response = json_response(body.model_dump())
     response.status_code = 200 if ready else 503
@@ -304,7 +310,13 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
 
 
 INFO_ROUTES: list[tuple[str, Callable[..., Awaitable[Response]], str, str, dict[int | str, Any]]] = [
-    ("/v1/models", list_models, "models", "The newest version of every model.", {200: {"model": ModelList}}),
+    (
+        "/v1/models",
+        list_models,
+        "models",
+        "The newest version of every model, and the versions refused with their reasons.",
+        {200: {"model": ModelList}},
+    ),
     (
         "/v1/models/{model}",
         get_model,
@@ -324,7 +336,8 @@ INFO_ROUTES: list[tuple[str, Callable[..., Awaitable[Response]], str, str, dict[
         "/readyz",
         readyz,
         "health",
-        "Readiness: 200 when every model under MODEL_DIR is loaded and warmed up, else 503 with reasons.",
+        "Readiness: 200 when every model name has a loaded, warmed-up version (READY_REQUIRES_ALL: every "
+        "version), else 503; refused versions listed either way.",
         {200: {"model": Readiness}, 503: {"model": Readiness}},
     ),
     ("/metrics", prometheus, "health", "Prometheus metrics (text format).", {}),

@@ -161,22 +161,37 @@ class ModelInfo(BaseModel):
     )
 
 
+class NotReadyItem(BaseModel):
+    """A version under MODEL_DIR that is not served as its files are now, and why."""
+
+    model: str = Field(examples=["fashion-mnist-mlp"])
+    version: str = Field(examples=["2"])
+    path: str = Field(
+        description="The version's directory, relative to MODEL_DIR.", examples=["fashion-mnist-mlp/2"]
+    )
+    reason: str = Field(
+        examples=["decoder file fashion-mnist-mlp/2/decoder.onnx has sha256 9f86..., manifest says 2c26..."]
+    )
+
+
 class ModelList(BaseModel):
     models: list[ModelInfo] = Field(description="The newest version of each model.")
-
-
-class NotReadyItem(BaseModel):
-    model: str
-    version: str
-    path: str
-    reason: str
+    refused: list[NotReadyItem] = Field(
+        description="Versions under MODEL_DIR that are not served as their files are now, with the reason; "
+        "a refused update of a version that was already serving leaves that version serving."
+    )
 
 
 class Readiness(BaseModel):
-    ready: bool
+    ready: bool = Field(
+        description="Every model name has at least one servable version (READY_REQUIRES_ALL: every version "
+        "under MODEL_DIR is loaded), MODEL_DIR is not empty, and the server is not draining."
+    )
     draining: bool = Field(description="Shutting down (after SIGTERM): still serving, but not for long.")
     models: list[str] = Field(description="Loaded NAME/VERSION pairs.")
-    not_ready: list[NotReadyItem]
+    not_ready: list[NotReadyItem] = Field(
+        description="Every version not served (listed even while ready), or why there is none."
+    )
 
 
 class ErrorDetail(BaseModel):

@@ -34,7 +34,16 @@ def test_file_entries_inside_the_directory_are_accepted(path: str) -> None:
         ("", "must name a file"),
         (".", "must name a file"),
     ],
-    ids=["sibling-version", "nested-escape", "parent", "absolute", "double-slash", "backslash", "empty", "dot"],
+    ids=[
+        "sibling-version",
+        "nested-escape",
+        "parent",
+        "absolute",
+        "double-slash",
+        "backslash",
+        "empty",
+        "dot",
+    ],
 )
 def test_file_entries_leaving_the_directory_are_refused(path: str, message: str) -> None:
     with pytest.raises(ValidationError, match="path") as caught:

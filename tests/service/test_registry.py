@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnx
 import pytest
 
 from bench import standin
 from bench.standin import rewrite_checksums
+from service import manifest as manifest_module
+from service.app import create_app
 from service.batching import Batcher
-from service.manifest import DECODER_FILE, ENCODER_FILE, MANIFEST_NAME, read_manifest
+from service.manifest import DECODER_FILE, ENCODER_FILE, MANIFEST_NAME, read_manifest, sha256_file
 from service.registry import ServedModel, version_key
 from service.runtime import CPU, CUDA
 from tests.service.conftest import (
     LATENT,
     NEWEST,
+    make_settings,
     serve,
     write_model,
 )
@@ -75,6 +81,9 @@ async def test_broken_models_are_refused_with_reasons_and_the_rest_serve(
             assert body["models"] == ["good/1"]
             reasons = {item["model"]: item["reason"] for item in body["not_ready"]}
             assert reasons.keys() == EXPECTED_REFUSALS.keys()
+            assert {item["path"] for item in body["not_ready"]} == {
+                f"{item['model']}/{item['version']}" for item in body["not_ready"]
+            }
             for name, fragment in EXPECTED_REFUSALS.items():
                 assert fragment in reasons[name], reasons[name]
             assert (await client.post("/v1/models/good/sample", json={"n": 1})).status_code == 200
@@ -86,7 +95,8 @@ async def test_broken_models_are_refused_with_reasons_and_the_rest_serve(
     assert len(lines) == len(EXPECTED_REFUSALS)  # one line per refused model
     for name in EXPECTED_REFUSALS:
         (line,) = [line for line in lines if line.startswith(f"model {name}/")]
-        assert str(mixed_dir / name) in line
+        assert f"{name}/" in line.partition(" not loaded: ")[2]  # the file, relative to MODEL_DIR
+        assert str(mixed_dir) not in line
 
 
 async def test_corrupt_onnx_bytes_with_matching_checksum_are_refused(tmp_path: Path) -> None:
@@ -98,7 +108,8 @@ async def test_corrupt_onnx_bytes_with_matching_checksum_are_refused(tmp_path: P
         body = (await client.get("/readyz")).json()
     (item,) = body["not_ready"]
     assert item["model"] == "garbage"
-    assert str(directory / DECODER_FILE) in item["reason"]
+    assert item["reason"].startswith(f"garbage/1/{DECODER_FILE}: ")
+    assert str(tmp_path) not in item["reason"]
 
 
 async def test_empty_model_dir_is_not_ready(tmp_path: Path) -> None:
@@ -140,3 +151,137 @@ def test_providers_are_both_graphs_best_first(model_dir: Path) -> None:
         decoder=batcher(),
     )
     assert served.providers == [CUDA, CPU]
+
+
+# ---- readiness an orchestrator can live with -----------------------------------------------------------
+
+
+def _corrupt(directory: Path) -> Path:
+    with (directory / DECODER_FILE).open("ab") as f:
+        f.write(b"\0")
+    return directory
+
+
+async def test_one_broken_version_leaves_its_model_ready_and_is_listed(tmp_path: Path) -> None:
+    write_model(tmp_path, "tiny", "1", seed=0)
+    _corrupt(write_model(tmp_path, "tiny", "2", seed=1))
+    async with serve(tmp_path) as client:
+        ready = await client.get("/readyz")
+        listing = (await client.get("/v1/models")).json()
+    assert ready.status_code == 200, ready.text
+    (item,) = ready.json()["not_ready"]
+    assert (item["model"], item["version"], item["path"]) == ("tiny", "2", "tiny/2")
+    assert f"tiny/2/{DECODER_FILE} has sha256" in item["reason"]
+    assert [m["version"] for m in listing["models"]] == ["1"]
+    assert listing["refused"] == [item]
+    assert str(tmp_path) not in ready.text + str(listing)
+
+
+async def test_ready_requires_all_needs_every_version(tmp_path: Path) -> None:
+    write_model(tmp_path, "tiny", "1", seed=0)
+    _corrupt(write_model(tmp_path, "tiny", "2", seed=1))
+    async with serve(tmp_path, ready_requires_all=True) as client:
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert [item["path"] for item in ready.json()["not_ready"]] == ["tiny/2"]
+
+
+async def test_a_model_name_without_a_servable_version_is_not_ready(tmp_path: Path) -> None:
+    write_model(tmp_path, "good", "1", seed=0)
+    _corrupt(write_model(tmp_path, "broken", "1", seed=1))
+    async with serve(tmp_path) as client:
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["models"] == ["good/1"]
+    assert [item["path"] for item in ready.json()["not_ready"]] == ["broken/1"]
+
+
+async def test_draining_is_not_ready_even_with_every_model_loaded(model_dir: Path) -> None:
+    app = create_app(make_settings(model_dir))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client,
+    ):
+        assert (await client.get("/readyz")).status_code == 200
+        app.state.draining = True
+        response = await client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["draining"] is True and response.json()["not_ready"] == []
+
+
+async def test_an_empty_model_dir_names_no_absolute_path(tmp_path: Path) -> None:
+    async with serve(tmp_path) as client:
+        response = await client.get("/readyz")
+    (item,) = response.json()["not_ready"]
+    assert item["path"] == "."
+    assert str(tmp_path) not in response.text
+
+
+# ---- nothing outside MODEL_DIR is read or hashed -------------------------------------------------------
+
+
+def _point_encoder_at(directory: Path, path: str, sha256: str) -> None:
+    """Rewrite the manifest's encoder entry as a hand-edited manifest could."""
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    manifest["files"]["encoder"] = {"path": path, "sha256": sha256}
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def _sibling_version(root: Path, outside: Path) -> Path:
+    directory = write_model(root, "tiny", "2", seed=1)
+    _point_encoder_at(directory, f"../1/{ENCODER_FILE}", sha256_file(root / "tiny" / "1" / ENCODER_FILE))
+    return directory
+
+
+def _absolute_path(root: Path, outside: Path) -> Path:
+    directory = write_model(root, "tiny", "2", seed=1)
+    _point_encoder_at(directory, str(outside / ENCODER_FILE), sha256_file(outside / ENCODER_FILE))
+    return directory
+
+
+def _symlinked_file(root: Path, outside: Path) -> Path:
+    directory = write_model(root, "tiny", "2", seed=1)
+    (directory / ENCODER_FILE).unlink()
+    (directory / ENCODER_FILE).symlink_to(outside / ENCODER_FILE)
+    rewrite_checksums(directory)  # the checksum matches the file outside: only the path can refuse it
+    return directory
+
+
+def _symlinked_version(root: Path, outside: Path) -> Path:
+    (root / "tiny" / "2").symlink_to(outside, target_is_directory=True)
+    return root / "tiny" / "2"
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        (_sibling_version, "files.encoder.path: Value error, must stay inside the model directory"),
+        (_absolute_path, "files.encoder.path: Value error, must be a relative path"),
+        (_symlinked_file, f"encoder file tiny/2/{ENCODER_FILE} resolves outside tiny/2"),
+        (_symlinked_version, "tiny/2 resolves outside MODEL_DIR"),
+    ],
+    ids=["dotdot-to-sibling-version", "absolute-path", "symlinked-file", "symlinked-version-directory"],
+)
+async def test_files_outside_the_version_directory_are_refused_before_hashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Callable[[Path, Path], Path], fragment: str
+) -> None:
+    root, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    write_model(root, "tiny", "1", seed=0)
+    outside = write_model(elsewhere, "tiny", "2", seed=1)  # a sound model, just not under MODEL_DIR
+    make(root, outside)
+    hashed: list[Path] = []
+
+    def recording_sha256(path: Path) -> str:
+        hashed.append(path.resolve())
+        return sha256_file(path)
+
+    monkeypatch.setattr(manifest_module, "sha256_file", recording_sha256)
+    async with serve(root) as client:
+        ready = (await client.get("/readyz")).json()
+        pinned = await client.post("/v1/models/tiny/versions/2/sample", json={"n": 1})
+    assert pinned.status_code == 404
+    (item,) = ready["not_ready"]
+    assert item["path"] == "tiny/2"
+    assert fragment in item["reason"], item["reason"]
+    assert str(tmp_path) not in item["reason"]
+    assert hashed and all(path.is_relative_to(root.resolve() / "tiny" / "1") for path in hashed)
