@@ -6,6 +6,9 @@ Every model operation's body is one of:
   - `application/x-npy`: the bulk array itself, parameters in the query string;
   - nothing: parameters in the query string (only for an operation without a bulk field, `sample`).
 
+Parameters may come from the query string with any body; one given in both a JSON body and the query
+string takes the query's value. JSON integers include integral floats (3.0), as in JSON Schema.
+
 The arrays themselves (nested JSON numbers, base64 PNGs, .npy files) are checked in `service.arrays`.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import orjson
 from pydantic import ValidationError
@@ -97,20 +100,35 @@ def parse_body(
         accepted = "application/json" if spec is None else "application/json or application/x-npy"
         raise UnsupportedMedia(f"Content-Type {media!r} is not read here; send {accepted}", field="body")
     data = parse_json_object(body)
-    if not body.strip():  # no body, not an empty object: `{}` with a query string is still both at once
-        params = parse_params(model, query, from_query=True)
-    elif query:
-        raise InvalidInput("with a JSON body, send every parameter in the body", field="query")
-    else:
-        value = data.pop(spec.field, MISSING) if spec else None
-        params = parse_params(model, data)
-        if spec is None:
-            return params, None
-        if value is not MISSING:
-            return params, _json_array(value, spec)
-    if spec is not None:
+    value = data.pop(spec.field, MISSING) if spec else MISSING
+    params = _merged_params(model, data, query)
+    if spec is None:
+        return params, None
+    if value is MISSING:
         raise InvalidInput("field required", field=spec.field)
-    return params, None
+    return params, _json_array(value, spec)
+
+
+def _merged_params(model: type[P], data: dict[str, Any], query: dict[str, str]) -> P:
+    """Parameters from a JSON body and the query string; a parameter in both takes the query's value (so a
+    saved body can be re-run with `?seed=...`). Each source is validated by its own rules first."""
+    if not query:
+        return parse_params(model, data)
+    from_body = parse_params(model, data).model_dump(exclude_unset=True)
+    from_query = parse_params(model, query, from_query=True).model_dump(exclude_unset=True)
+    return parse_params(model, {**from_body, **from_query})
+
+
+def _integral(model: type[RequestParams], name: str, value: object) -> object:
+    """3.0 -> 3 for an integer field (JSON Schema's integers include 3.0); anything else unchanged."""
+    field = model.model_fields.get(name)
+    if type(value) is float and value.is_integer() and field is not None and _takes_int(field.annotation):
+        return int(value)
+    return value
+
+
+def _takes_int(annotation: object) -> bool:
+    return annotation is int or int in get_args(annotation)
 
 
 def _json_array(value: object, spec: Images | Latents) -> F32:
@@ -147,7 +165,10 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 
 
 def parse_params(model: type[P], data: dict[str, Any], *, from_query: bool = False) -> P:
-    """Validate small fields: strictly from JSON (no "3" for 3), leniently from query strings."""
+    """Validate small fields: strictly from JSON (no "3" for 3, but 3.0 is 3, as JSON Schema says), leniently
+    from query strings."""
+    if not from_query:
+        data = {name: _integral(model, name, value) for name, value in data.items()}
     try:
         return model.model_validate(data, strict=not from_query)
     except ValidationError as exc:

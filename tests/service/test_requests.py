@@ -133,8 +133,8 @@ CASES = {
     "unsupported-content-type": Case(
         "tiny/encode", 415, "body", content=b"a=1", headers={"Content-Type": "text/plain"}
     ),
-    "json-body-plus-query": Case("tiny/sample?n=2", 422, "query", json={"seed": 1}),
-    "empty-json-object-plus-query": Case("tiny/sample?n=2&seed=3", 422, "query", json={}),
+    "query-value-invalid-with-a-body": Case("tiny/sample?n=-1", 422, "n", json={"seed": 1}),
+    "float-not-integral": Case("tiny/sample", 422, "n", json={"n": 2.5}),
     # images
     "inputs-missing": Case("tiny/encode", 422, "inputs", json={"samples": 1}, says="required"),
     "inputs-empty": Case("tiny/encode", 422, "inputs", json={"inputs": []}, says="non-empty"),

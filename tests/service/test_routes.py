@@ -68,3 +68,17 @@ async def test_sample_parameters_in_the_query_without_a_body(client: httpx.Async
         headers={"Accept": NPY, "Content-Type": JSON},
     )
     np.testing.assert_array_equal(load_npy(whitespace_body), load_npy(from_body))
+
+
+async def test_query_parameters_join_a_json_body_and_win_over_it(client: httpx.AsyncClient) -> None:
+    """A saved body can be re-run with `?seed=...`: both sources are read, the query string wins."""
+    merged = await client.post(f"{URL}/sample?seed=8&dtype=uint8", json={"n": 2, "seed": 1})
+    assert merged.status_code == 200
+    body = {"n": 2, "seed": 8, "dtype": "uint8"}
+    assert merged.json() == (await client.post(f"{URL}/sample", json=body)).json()
+
+
+async def test_integral_floats_are_integers_as_json_schema_says(client: httpx.AsyncClient) -> None:
+    as_float = await client.post(f"{URL}/sample", json={"n": 3.0, "seed": 5.0})
+    assert as_float.status_code == 200
+    assert as_float.json() == (await client.post(f"{URL}/sample", json={"n": 3, "seed": 5})).json()
