@@ -61,21 +61,30 @@ def parse_api_keys(spec: str) -> dict[str, str]:
     return keys
 
 
-def presented_key(scope: Scope) -> str | None:
-    """The key from `Authorization: Bearer KEY` or `X-API-Key: KEY`, if any."""
+def is_open(path: str, *, metrics_open: bool) -> bool:
+    """Whether `path` is served without a key: the probes, the docs and, if `metrics_open`, /metrics."""
+    return path in PROBES or path.startswith(DOCS) or (metrics_open and path == "/metrics")
+
+
+def presented_keys(scope: Scope) -> list[str]:
+    """Every credential the request carries: each `X-API-Key`, and each `Authorization` header's token
+    (a scheme other than Bearer yields an empty token, which matches no key)."""
+    keys = []
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     for name, value in headers:
         if name == b"x-api-key":
-            return value.decode("latin-1").strip()
-        if name == b"authorization":
+            keys.append(value.decode("latin-1").strip())
+        elif name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-    return None
+            keys.append(token.strip() if scheme.lower() == "bearer" else "")
+    return keys
 
 
 class ApiKeys:
     """Refuse requests without a valid key (401 in the error shape, with WWW-Authenticate); label the rest.
+
+    Every credential a request carries must be valid and name the same key: a wrong token beside a right
+    one is refused, so a client (or a proxy) sending a stale header learns of it.
 
     Keys are compared as SHA-256 digests with `hmac.compare_digest`, against every configured key whatever
     the outcome, so the time taken does not depend on how much of a key was right.
@@ -84,13 +93,18 @@ class ApiKeys:
     def __init__(self, app: ASGIApp, keys: dict[str, str], metrics_open: bool) -> None:
         self.app = app
         self.digests = [(hashlib.sha256(key.encode()).digest(), name) for key, name in keys.items()]
-        self.open_paths = PROBES | ({"/metrics"} if metrics_open else set())
+        self.metrics_open = metrics_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.digests or self._is_open(scope["path"]):
+        if (
+            scope["type"] != "http"
+            or not self.digests
+            or is_open(scope["path"], metrics_open=self.metrics_open)
+        ):
             await self.app(scope, receive, send)
             return
-        name = self._name_of(presented_key(scope))
+        names = [self._name_of(key) for key in presented_keys(scope)]
+        name = names[0] if names and None not in names and len(set(names)) == 1 else None
         if name is None:
             message = "a valid API key is required: send Authorization: Bearer KEY or X-API-Key: KEY"
             error = Unauthorized(message, field="headers.authorization", headers=CHALLENGE)
@@ -103,12 +117,7 @@ class ApiKeys:
         finally:
             current_key.reset(token)
 
-    def _is_open(self, path: str) -> bool:
-        return path in self.open_paths or path.startswith(DOCS)
-
-    def _name_of(self, key: str | None) -> str | None:
-        if key is None:
-            return None
+    def _name_of(self, key: str) -> str | None:
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
         found = None
         for known, name in self.digests:

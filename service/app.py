@@ -13,15 +13,18 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
+from service.access import is_open
 from service.dispatch import OperationDispatch, OperationRoute
 from service.docs import add_docs
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import ErrorBoundary, install_middleware
+from service.openapi import complete
 from service.parse_pool import ParsePool
 from service.registry import Registry
 from service.routes import add_routes
@@ -43,7 +46,18 @@ decoder.onnx}`) with onnxruntime.
 
 
 class ServiceApp(FastAPI):
-    """FastAPI whose middleware stack ends in the operations' dispatch (`service.dispatch`)."""
+    """FastAPI whose middleware stack ends in the operations' dispatch (`service.dispatch`), and whose
+    OpenAPI document also says what the server and its middlewares answer (`service.openapi.complete`)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            settings: Settings = self.state.settings
+            keys = bool(settings.api_keys.get_secret_value())
+            metrics_open = not settings.metrics_require_key
+            self.openapi_schema = complete(
+                super().openapi(), keys=keys, open_paths=lambda path: is_open(path, metrics_open=metrics_open)
+            )
+        return self.openapi_schema
 
     def build_middleware_stack(self) -> ASGIApp:
         """The error boundary, every middleware in `user_middleware` (ours and any added later), then the

@@ -9,6 +9,7 @@ stand in for the body, the response types, and every error status.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -27,9 +28,55 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "Body over MAX_BODY_BYTES.",
         415: "Unsupported request Content-Type.",
         422: "A field is invalid: shape, type, range or limit.",
-        503: "Queue full (see Retry-After) or shutting down.",
+        503: "Queue full or shutting down; retry after Retry-After seconds.",
     }.items()
 }
+ERRORS[503]["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": INT}}
+
+SERVER_ERRORS = {
+    "408": "The body did not arrive within BODY_TIMEOUT.",
+    "414": "Request target longer than MAX_URL_BYTES.",
+    "431": "Headers over MAX_HEADER_BYTES or MAX_HEADERS.",
+}
+"""What the server itself answers before any route runs, so on every operation."""
+UNAUTHORIZED = "No valid API key (API_KEYS is set): send Authorization: Bearer KEY or X-API-Key: KEY."
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+
+
+def complete(document: dict[str, Any], *, keys: bool, open_paths: Callable[[str], bool]) -> dict[str, Any]:
+    """Add what the server answers outside the routes' own code to FastAPI's document, and drop what it
+    never sends: the server-level errors on every operation; with API keys, the security schemes, a 401 on
+    every guarded operation and no security on the open ones; FastAPI's 422 `HTTPValidationError` on routes
+    whose parameters are plain strings (it is never sent: errors have the service's shape)."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            if _is_fastapi_validation(responses.get("422")):
+                del responses["422"]
+            for status, text in SERVER_ERRORS.items():
+                responses.setdefault(status, {"description": text, "content": error})
+            if keys and not open_paths(path):
+                responses["401"] = {"description": UNAUTHORIZED, "content": error}
+            elif keys:
+                operation["security"] = []
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    if keys:
+        document["components"]["securitySchemes"] = SECURITY_SCHEMES
+        document["security"] = [{"bearer": []}, {"apiKey": []}]
+    return document
+
+
+def _is_fastapi_validation(response: dict[str, Any] | None) -> bool:
+    schema = (response or {}).get("content", {}).get("application/json", {}).get("schema", {})
+    return bool(schema.get("$ref", "").endswith("/HTTPValidationError"))
+
+
 PATH_PARAMETERS = {
     "model": {"description": "Model name, a directory under MODEL_DIR.", "example": "fashion-mnist-mlp"},
     "version": {"description": "Model version, a directory under MODEL_DIR/NAME.", "example": "1"},
