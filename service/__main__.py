@@ -1,8 +1,8 @@
-"""`python -m service` (or `vae-serve`): validate the settings, then run uvicorn with them.
+"""`python -m service` (or `vae-serve`): validate the settings, configure logging, then serve (`service.server`).
 
-uvicorn always gets the factory import string, so WORKERS > 1 works the same way as one worker: each worker
-process builds its own app from the environment (and `.env`). SIGTERM and Ctrl-C shut down gracefully:
-uvicorn drains connections and runs the lifespan's shutdown; after a SIGTERM the process then exits 0.
+With WORKERS > 1 each worker process builds its own app from the settings validated here. SIGTERM drains
+(/readyz 503 for DRAIN_SECONDS, in-flight requests get SHUTDOWN_TIMEOUT), SIGINT stops without the drain,
+SIGHUP reloads the models in every worker; after a graceful stop the process exits 0.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import uvicorn
 from pydantic import ValidationError
 from uvicorn.config import LOGGING_CONFIG
 
+from service.server import run
 from service.settings import Settings
 
 
@@ -66,8 +66,8 @@ def worker_metrics(workers: int) -> Iterator[Path | None]:
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    """uvicorn (>= 0.29) re-raises SIGTERM after its graceful shutdown, which would make the exit status
-    -15; it re-raises into the handler it found, this one, so an orchestrator's stop reads as success."""
+    """A SIGTERM before the server has its own handlers (while the app is built) exits 0 too, so an
+    orchestrator's stop always reads as success."""
     sys.exit(0)
 
 
@@ -80,16 +80,8 @@ def main() -> None:
     config = logging_config(settings.log_level)
     logging.config.dictConfig(config)
     with worker_metrics(settings.workers):
-        uvicorn.run(
-            "service.app:app_from_env",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_level=settings.log_level,
-            log_config=config,
-            access_log=settings.access_log,
-        )
+        status = run(settings, config)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ def test_uvicorn_process_serves_over_tcp_and_stops_cleanly_on_sigterm(
         "WORKERS": str(workers),
         "INTRA_OP_THREADS": "1",
         "LOG_LEVEL": "info",
+        "DRAIN_SECONDS": "0.5",  # SIGTERM drains this long (service.server) before the shutdown
     }
     with subprocess.Popen(
         [sys.executable, "-m", "service"],
