@@ -23,10 +23,12 @@ from collections.abc import Callable, Container
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.access import ApiKeys, parse_api_keys
+from service.dispatch import CLIENT_CLOSED
 from service.errors import PayloadTooLarge, error_body, render
 from service.metrics import Metrics
 from service.settings import Settings
@@ -78,6 +80,8 @@ class ErrorBoundary:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            return  # the client left while sending its body: nobody to answer, nothing to log
         except Exception as exc:
             if not started:
                 await render(exc, scope["path"])(scope, receive, send)
@@ -111,6 +115,9 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_with_status)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED
+            raise
         finally:
             route: BaseRoute | None = scope.get("route")
             endpoint = getattr(route, "name", UNMATCHED) if route is not None else UNMATCHED

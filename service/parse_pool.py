@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -25,6 +26,13 @@ from typing import TypeVar
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _ignore_group_signals() -> None:
+    """Workers leave Ctrl-C and SIGHUP to the server process: a signal sent to the whole process group
+    (a terminal hangup, `kill -HUP -PGID`) must not kill them under the server."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _ready() -> bool:
@@ -69,4 +77,6 @@ class ParsePool:
             return await asyncio.to_thread(function, *args)
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_group_signals
+        )
