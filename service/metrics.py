@@ -1,5 +1,8 @@
 """Prometheus metrics: one registry per app (so tests can build many apps), fed by `middleware.RequestMetrics`.
 
+Request series carry a `protocol` label: "v2" for the Open Inference Protocol's routes (`/v2`, `/v2/...`,
+`service.v2`), "v1" for every other route, so one dashboard compares the two front doors of one engine.
+
 With WORKERS > 1 every worker process keeps its own registry, so a scrape would see one worker at random:
 `python -m service` then sets PROMETHEUS_MULTIPROC_DIR (see `service.__main__.worker_metrics`) and /metrics
 aggregates all workers through prometheus-client's multiprocess collector instead.
@@ -23,12 +26,18 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+V2_PREFIX = "/v2"
+
+
+def protocol_of(path: str) -> str:
+    """The `protocol` label of a request path: "v2" for the Open Inference Protocol's routes, else "v1"."""
+    return "v2" if path.startswith(V2_PREFIX) and (len(path) == 3 or path[3] == "/") else "v1"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        labels = ["endpoint", "model"]
+        labels = ["endpoint", "model", "protocol"]
         self.requests = Counter(
             "vae_requests", "HTTP requests by route and status.", [*labels, "status"], registry=self.registry
         )
@@ -43,7 +52,10 @@ class Metrics:
             registry=self.registry,
         )
         self.samples = Counter(
-            "vae_samples_generated", "eps rows drawn on the server.", labels, registry=self.registry
+            "vae_samples_generated",
+            "eps rows drawn on the server.",
+            ["endpoint", "model"],
+            registry=self.registry,
         )
         self.model_loaded = Gauge(
             "vae_model_loaded",
@@ -58,7 +70,7 @@ class Metrics:
             ["key", "status"],
             registry=self.registry,
         )
-        self._children: dict[tuple[str, str, int], tuple[Any, Any | None, Any]] = {}
+        self._children: dict[tuple[str, str, int, str], tuple[Any, Any | None, Any]] = {}
         self._sample_children: dict[tuple[str, str], Any] = {}
         graph = ["model", "version", "graph"]
         self.batch_rows = Histogram(
@@ -79,18 +91,20 @@ class Metrics:
             registry=self.registry,
         )
 
-    def observe_request(self, endpoint: str, model: str, status: int, seconds: float) -> None:
+    def observe_request(
+        self, endpoint: str, model: str, status: int, seconds: float, protocol: str = "v1"
+    ) -> None:
         """Count and time one request. The labelled children are cached: `labels()` costs microseconds
-        per call, and the label sets are few (routes x loaded models x statuses)."""
-        key = (endpoint, model, status)
+        per call, and the label sets are few (routes x loaded models x statuses x protocols)."""
+        key = (endpoint, model, status, protocol)
         children = self._children.get(key)
         if children is None:
             code = str(status)
-            errors = self.errors.labels(endpoint, model, code) if status >= 400 else None
+            errors = self.errors.labels(endpoint, model, protocol, code) if status >= 400 else None
             children = (
-                self.requests.labels(endpoint, model, code),
+                self.requests.labels(endpoint, model, protocol, code),
                 errors,
-                self.latency.labels(endpoint, model),
+                self.latency.labels(endpoint, model, protocol),
             )
             self._children[key] = children
         requests, errors, latency = children

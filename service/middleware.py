@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.access import ApiKeys, parse_api_keys
 from service.dispatch import CLIENT_CLOSED
 from service.errors import PayloadTooLarge, error_body, render
-from service.metrics import Metrics
+from service.metrics import Metrics, protocol_of
 from service.settings import Settings
 
 EXPOSED_HEADERS = ["X-Seed", "X-Grid-Cols", "X-Grid-Rows", "Retry-After", "WWW-Authenticate"]
@@ -89,7 +89,8 @@ class ErrorBoundary:
 
 
 class RequestMetrics:
-    """Counts and times every request by endpoint (the route's name: sample, encode, readyz, ...) and model.
+    """Counts and times every request by endpoint (the route's name: sample, encode, readyz, ...), model and
+    protocol ("v2" for the Open Inference Protocol's /v2 routes, "v1" for the rest: `metrics.protocol_of`).
 
     The model label is the path's model only when it names a loaded model: arbitrary names in 404s must not
     mint new time series.
@@ -124,7 +125,8 @@ class RequestMetrics:
             model = scope.get("path_params", {}).get("model", "")
             if model and model not in self.known_models():
                 model = UNKNOWN_MODEL
-            self.metrics.observe_request(endpoint, model, status, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.metrics.observe_request(endpoint, model, status, seconds, protocol_of(scope["path"]))
             if key := scope.get("state", {}).get("api_key"):
                 self.metrics.count_key(key, status)
 

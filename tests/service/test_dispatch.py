@@ -116,7 +116,7 @@ async def test_a_bug_in_an_operation_is_a_500_in_the_error_shape_and_is_counted(
         }
         assert (await client.post("/v1/models/tiny/decode", json={"z": [[0.0] * LATENT]})).status_code == 200
         metrics = (await client.get("/metrics")).text
-    assert 'vae_requests_total{endpoint="sample",model="tiny",status="500"} 1.0' in metrics
+    assert 'vae_requests_total{endpoint="sample",model="tiny",protocol="v1",status="500"} 1.0' in metrics
 
 
 async def test_a_request_whose_client_left_is_dropped_from_the_queue_before_it_runs(model_dir: Path) -> None:
@@ -169,4 +169,4 @@ async def test_a_request_whose_client_left_is_dropped_from_the_queue_before_it_r
             metrics = (await client.get("/metrics")).text
     assert run_rows == [1]  # A's one row; B's three never ran
     assert sent[0]["status"] == 499
-    assert 'vae_requests_total{endpoint="sample",model="tiny",status="499"} 1.0' in metrics
+    assert 'vae_requests_total{endpoint="sample",model="tiny",protocol="v1",status="499"} 1.0' in metrics
