@@ -41,10 +41,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from training.checkpoints import load_checkpoint
     from training.config import TrainConfig
     from training.data import find_data_dir, load_splits
     from training.evaluate import evaluate
-    from training.train import load_checkpoint
 
     model, ckpt = load_checkpoint(args.checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"])

@@ -51,11 +51,11 @@ from service.manifest import (
     sha256_file,
     write_manifest,
 )
+from training.checkpoints import load_checkpoint, run_record
 from training.config import TrainConfig
 from training.data import find_data_dir, load_split
 from training.evaluate import EvalResult, evaluate
 from training.model import VAE
-from training.train import LAST, load_checkpoint
 
 TOLERANCE = 1e-4
 OPSET = 18
@@ -240,17 +240,6 @@ def describe_architecture(cfg: TrainConfig) -> str:
         return f"mlp {sizes} {cfg.activation}"
     c1, c2 = cfg.channels
     return f"conv {c1}-{c2} hidden {cfg.hidden[0]} latent {cfg.latent_dim} {cfg.activation}"
-
-
-def run_record(checkpoint: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The whole run's epochs, seconds and history: the checkpoint holds them only up to its own epoch, so
-    they come from `last.pt` beside it when that continues the same history (else from the checkpoint)."""
-    last_path = checkpoint.parent / LAST
-    if last_path.is_file() and last_path.resolve() != checkpoint.resolve():
-        last = torch.load(last_path, map_location="cpu", weights_only=False)
-        if last["history"][: len(ckpt["history"])] == ckpt["history"]:
-            ckpt = last
-    return {"epochs": ckpt["epoch"], "seconds": ckpt["elapsed"], "history": ckpt["history"]}
 
 
 def build_manifest(

@@ -24,9 +24,10 @@ from service.manifest import (
     verify_checksums,
 )
 from training import export
+from training.checkpoints import BEST, LAST, load_checkpoint
 from training.config import TrainConfig
 from training.export import TOLERANCE, ExportError, export_checkpoint
-from training.train import BEST, LAST, load_checkpoint, train
+from training.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "models" / "fashion-mnist-mlp" / "1"

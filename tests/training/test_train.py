@@ -1,4 +1,4 @@
-"""The training loop: schedule, sharding, determinism, resume, learning on real data, and torchrun DDP."""
+"""The training loop: schedule, sharding, determinism, the best epoch, time budgets, real data, torchrun DDP."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from training.checkpoints import BEST, LAST, load_checkpoint
 from training.config import TrainConfig, add_config_arguments, config_from_args
-from training.train import BEST, LAST, load_checkpoint, schedule, shard_indices, train
+from training.train import schedule, shard_indices, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -83,52 +84,6 @@ def test_training_is_deterministic(tiny_config: Callable[..., TrainConfig], tmp_
     for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
         assert torch.equal(pa, pb), name
     assert a.history[-1]["val_elbo"] == b.history[-1]["val_elbo"]
-
-
-def test_resume_continues_exactly(tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
-    straight = train(tiny_config(out=str(tmp_path / "straight"), epochs=3, batch_start=10))
-    interrupted = tmp_path / "interrupted"
-    _run_one_epoch_of_three(tiny_config, interrupted)
-    assert torch.load(interrupted / LAST, weights_only=False)["epoch"] == 1
-    resumed = train(tiny_config(out=str(interrupted), epochs=3, batch_start=10, resume=True))
-    for (name, pa), pb in zip(
-        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
-    ):
-        assert torch.equal(pa, pb), name
-    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
-
-
-def test_resume_refuses_other_model_settings(tiny_config: Callable[..., TrainConfig], tmp_path: Path) -> None:
-    out = _run_one_epoch_of_three(tiny_config, tmp_path / "run")
-    with pytest.raises(ValueError, match=r"latent_dim 4 \(now 8\), lr 0.003 \(now 0.01\)"):
-        train(tiny_config(out=str(out), epochs=3, batch_start=10, resume=True, latent_dim=8, lr=0.01))
-    resumed = train(tiny_config(out=str(out), epochs=4, batch_start=10, resume=True, max_minutes=5))
-    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]  # budgets may change
-
-
-def _run_one_epoch_of_three(tiny_config: Callable[..., TrainConfig], out: Path) -> Path:
-    """Train a 3-epoch run but stop it after its first epoch (as a crash would), via the progress hook."""
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_epoch(epoch: float, model: torch.nn.Module, seconds: float) -> None:
-        if epoch >= 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(tiny_config(out=str(out), epochs=3, batch_start=10), hook=stop_after_first_epoch)
-    return out
-
-
-def test_best_and_last_checkpoints_rebuild_the_model(tiny_config: Callable[..., TrainConfig]) -> None:
-    cfg = tiny_config(arch="conv", channels=(4, 8), epochs=1)
-    result = train(cfg, command="python -m training train --arch conv")
-    model, ckpt = load_checkpoint(result.out_dir / BEST)
-    assert (result.out_dir / LAST).is_file()
-    assert ckpt["command"] == "python -m training train --arch conv"
-    x = torch.rand(3, 1, 28, 28)
-    assert torch.equal(model.encode(x).mu, result.model.eval().encode(x).mu)
 
 
 def test_best_checkpoint_is_the_epoch_with_the_highest_median_validation_elbo(
