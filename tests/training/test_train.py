@@ -8,10 +8,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+import training.train as train_module
 from training.checkpoints import BEST, LAST, load_checkpoint
 from training.config import TrainConfig, add_config_arguments, config_from_args
 from training.train import schedule, shard_indices, train
@@ -103,11 +105,39 @@ def test_an_epoch_run_anneals_its_learning_rate_to_the_end(tiny_config: Callable
     assert lrs[-1] < 0.02 * cfg.lr
 
 
-def test_time_budget_stops_training(tiny_config: Callable[..., TrainConfig]) -> None:
-    result = train(tiny_config(epochs=1000, max_minutes=0.02))  # 1.2 s
-    assert len(result.history) < 1000
-    assert result.seconds <= 0.02 * 60  # the last validation pass included
-    assert result.history[-1]["lr"] == pytest.approx(TrainConfig().lr_min, rel=0.5)
+class FakeClock:
+    """A clock that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_budget_stops_training(
+    tiny_config: Callable[..., TrainConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a fake clock every step takes 10 ms and every validation pass 30 ms (130 ms an epoch of 10 steps).
+    The 3 s budget, not the 1000 epochs, ends the run: it cuts the last epoch short so that its validation
+    pass still fits, and the learning rate has annealed to its floor by then."""
+    clock = FakeClock()
+
+    def taking(seconds: float, function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            clock.now += seconds
+            return function(*args, **kwargs)
+
+        return timed
+
+    monkeypatch.setattr(train_module, "train_step", taking(0.01, train_module.train_step))
+    monkeypatch.setattr(train_module, "validate", taking(0.03, train_module.validate))
+    cfg = tiny_config(epochs=1000, max_minutes=0.05)
+    history = train(cfg, clock=clock).history
+    assert 1 < len(history) < 1000, len(history)
+    assert history[-1]["examples"] < history[0]["examples"]  # stopped mid-epoch
+    assert history[-1]["elapsed"] <= 3.0  # the last validation pass included
+    assert history[-1]["lr"] == pytest.approx(cfg.lr_min, rel=0.5)
 
 
 @pytest.mark.slow
