@@ -66,7 +66,7 @@ def checkpoint_payload(
 ) -> dict[str, Any]:
     """Everything a checkpoint holds; `config` and `command` let it be rebuilt and described on its own."""
     return {
-        "config": cfg.to_dict(),
+        "config": cfg.model_dump(),
         "command": command,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -80,13 +80,13 @@ def checkpoint_payload(
     }
 
 
-def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
+def check_resumable(saved: TrainConfig, cfg: TrainConfig) -> None:
     """Refuse to resume with other model or optimisation settings: the weights would not load, or two runs'
     settings would be mixed under one recorded config."""
-    now = cfg.to_dict()
-    changed = sorted(key for key in now if key not in RESUME_MAY_CHANGE and saved.get(key) != now[key])
+    before, now = saved.model_dump(), cfg.model_dump()
+    changed = sorted(key for key in now if key not in RESUME_MAY_CHANGE and before[key] != now[key])
     if changed:
-        differences = ", ".join(f"{key} {saved.get(key)!r} (now {now[key]!r})" for key in changed)
+        differences = ", ".join(f"{key} {before[key]!r} (now {now[key]!r})" for key in changed)
         raise ValueError(
             f"--resume: the run in {cfg.out} was trained with other settings: {differences}; "
             "pass the run's own settings (its checkpoint's config) or train into a new --out"
@@ -98,7 +98,7 @@ def resume(
 ) -> tuple[RunState, str]:
     """Load `path` into the model and optimiser; returns the run's state and its original command."""
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    check_resumable(ckpt["config"], cfg)
+    check_resumable(TrainConfig.from_dict(ckpt["config"], source=str(path)), cfg)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     state = RunState(
@@ -112,9 +112,11 @@ def resume(
 
 
 def load_checkpoint(path: Path | str) -> tuple[VAE, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes (its config travels with it) and load its weights."""
+    """Rebuild the model a checkpoint describes (its config travels with it) and load its weights.
+
+    A config key this version does not know is refused (ConfigError), not dropped."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = VAE(TrainConfig.from_dict(ckpt["config"]))
+    model = VAE(TrainConfig.from_dict(ckpt["config"], source=str(path)))
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt

@@ -47,7 +47,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate
 
     model, ckpt = load_checkpoint(args.checkpoint)
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    cfg = TrainConfig.from_dict(ckpt["config"], source=str(args.checkpoint))
     splits = load_splits(
         cfg.dataset,
         str(find_data_dir(cfg.dataset, args.data_dir, prefer=cfg.data_dir)),

@@ -227,7 +227,7 @@ def build_manifest(
         export_check=check,
         training=TrainingRecord(
             command=ckpt.get("command", ""),
-            config=cfg.to_dict(),
+            config=cfg.model_dump(),
             epochs=run["epochs"],
             best_epoch=ckpt["epoch"],
             seconds=round(run["seconds"], 1),
@@ -265,7 +265,7 @@ def export_checkpoint(
     images only (for smoke tests; the manifest records how many were used).
     """
     model, ckpt = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    cfg = TrainConfig.from_dict(ckpt["config"], source=str(checkpoint))
     x_test, _ = load_split(find_data_dir(cfg.dataset, data_dir, prefer=cfg.data_dir), "test")
     if test_images:
         x_test = x_test[:test_images]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -15,46 +14,10 @@ import torch
 
 import training.train as train_module
 from training.checkpoints import BEST, LAST, load_checkpoint
-from training.config import TrainConfig, add_config_arguments, config_from_args
+from training.config import TrainConfig
 from training.train import schedule, shard_indices, train
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _parse(argv: list[str]) -> TrainConfig:
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
-
-
-def test_every_config_field_is_a_flag_with_its_default() -> None:
-    assert _parse([]) == TrainConfig()
-    cfg = _parse(
-        ["--hidden", "128,64", "--latent-dim", "8", "--no-progress", "--arch", "conv", "--data-dir", "d"]
-    )
-    assert (cfg.hidden, cfg.latent_dim, cfg.progress, cfg.arch, cfg.data_dir) == (
-        (128, 64),
-        8,
-        False,
-        "conv",
-        "d",
-    )
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [(["--kl-warmup", "1.5"], "kl_warmup"), (["--batch-start", "512"], "batch_start"), (["--lr", "0"], "lr")],
-    ids=["warmup", "batch-ramp", "lr"],
-)
-def test_invalid_values_are_refused(argv: list[str], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        _parse(argv)
-
-
-def test_config_survives_a_round_trip_through_a_dict() -> None:
-    cfg = TrainConfig(hidden=(7, 5), channels=(3, 4))
-    as_lists = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
-    assert TrainConfig.from_dict(as_lists) == cfg
 
 
 def test_schedule_warms_up_decays_and_ramps() -> None:
