@@ -266,7 +266,7 @@ def export_checkpoint(
     """
     model, ckpt = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"], source=str(checkpoint))
-    x_test, _ = load_split(find_data_dir(cfg.dataset, data_dir, prefer=cfg.data_dir), "test")
+    x_test = load_split(find_data_dir(cfg.dataset, data_dir, prefer=cfg.data_dir), "test")
     if test_images:
         x_test = x_test[:test_images]
     k = iwae_k or cfg.iwae_k

@@ -66,10 +66,6 @@ class DiagonalGaussian:
         self.mu = mu
         self.logvar = logvar
 
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.exp(0.5 * self.logvar)
-
     def sample(
         self, eps: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
