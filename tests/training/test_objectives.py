@@ -158,7 +158,7 @@ def test_the_logvar_ceiling_keeps_sigma_within_e_of_the_prior() -> None:
     assert LOGVAR_MAX == 2.0
     model = _small_vae()
     with torch.no_grad():
-        model.to_stats.bias[4:] = 11.0  # what one validation image reached with a ceiling of 20
+        model.to_stats.bias[4:] = 11.0  # sigma 245 unclamped
     q = model.encode(torch.rand(2, 1, 28, 28, dtype=torch.float64))
     assert torch.exp(0.5 * q.logvar).max().item() == pytest.approx(math.e)
 
