@@ -34,7 +34,7 @@ RESUME_MAY_CHANGE = frozenset(
         "goal_nll",
     }
 )
-"""Settings a resumed run may change: budgets, where things are, how it reports; not the model or its optimiser."""
+"""Settings a resumed run may change: budgets, where things are, how it reports; not model or optimiser."""
 
 
 @dataclass

@@ -79,7 +79,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.01, description="AdamW weight decay.")
     grad_clip: float = Field(
         200.0,
-        description="Clip the gradient norm to this, well above its usual size: stops rare KL spikes (0 = off).",
+        description="Clip the gradient norm to this (well above its usual size): stops KL spikes (0 = off).",
     )
     seed: int = Field(0, description="Seeds the split, the batch order, init and the noise.")
     # run

@@ -30,8 +30,8 @@ DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
 LABEL_FILES = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
 FILES = (*IMAGE_FILES.values(), *LABEL_FILES.values())
-"""A data directory holds the release's four files. The VAE reads no labels, but the label files are part of
-the release: downloaded and checksummed with the images, and what tells one dataset's directory from another's."""
+"""A data directory holds the release's four files. The VAE reads no labels, but the label files are part
+of the release: downloaded and checksummed with the images, they tell one dataset's files from another's."""
 
 # SHA-256 of the official .gz files. Fashion-MNIST: the files of Debian's dataset-fashion-mnist, which are
 # Zalando's release. MNIST: the files served by LeCun's page and its PyTorch mirror.

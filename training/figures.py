@@ -21,7 +21,7 @@ SCALE = 3  # each pixel drawn as a 3x3 block: 28-pixel tiles are small on a scre
 
 
 def grid_image(images: np.ndarray, cols: int = COLS) -> Image.Image:
-    """[N, 1, H, W] in [0, 1] -> one greyscale picture, `cols` tiles a row, 2 white pixels between and around."""
+    """[N, 1, H, W] in [0, 1] -> one greyscale picture, `cols` tiles a row, 2 white pixels around each."""
     pixels = tile(channels_last(as_uint8(images)), cols, pad=2, fill=255, border=True)
     height, width = pixels.shape
     return Image.fromarray(pixels).resize((width * SCALE, height * SCALE), Image.Resampling.NEAREST)

@@ -1,4 +1,4 @@
-"""The training run, top to bottom: set-up -> epoch -> validation -> checkpoint, until the epochs or the time run out.
+"""The training run, top to bottom: set-up, then epoch -> validation -> checkpoint until epochs or time end.
 
     python -m training train --out runs/default                    # one process
     torchrun --standalone --nproc-per-node 2 -m training train ...  # data-parallel, same flags
@@ -391,6 +391,6 @@ def log_epoch(row: dict[str, float], improved: bool) -> None:
     tqdm.write(
         f"epoch {row['epoch']:4.0f} | train elbo {row['train_elbo']:8.2f} (recon {row['train_recon']:7.2f}"
         f" kl {row['train_kl']:6.2f}) | val elbo {row['val_elbo']:8.2f} median {row['val_median_elbo']:8.2f}"
-        f"{' *' if improved else '  '}"
-        f" | lr {row['lr']:.2e} beta {row['beta']:.2f} | {row['epoch_seconds']:5.1f} s, {row['elapsed']:6.1f} s total"
+        f"{' *' if improved else '  '} | lr {row['lr']:.2e} beta {row['beta']:.2f}"
+        f" | {row['epoch_seconds']:5.1f} s, {row['elapsed']:6.1f} s total"
     )

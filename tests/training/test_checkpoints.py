@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, resuming exactly, refusing other settings, rebuilding the model, the run record."""
+"""Checkpoints: atomic writes, exact resume, refusing other settings, rebuilding the model, the run record."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The exported pictures: grid layout through service.grid, which rows hold what, curves without validation."""
+"""The exported pictures: the layout of the grids, which rows hold what, curves without a validation set."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training loop: schedule, sharding, determinism, the best epoch, time budgets, real data, torchrun DDP."""
+"""The training loop: schedule, sharding, determinism, the best epoch, time budget, real data, torchrun."""
 
 from __future__ import annotations
 
