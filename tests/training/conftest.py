@@ -13,6 +13,7 @@ import torch
 
 from training.config import TrainConfig
 from training.data import DEBIAN_DIR, FILES, IMAGE_FILES, LABEL_FILES
+from training.model import VAE
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -20,6 +21,12 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+def small_vae(**overrides: Any) -> VAE:
+    """A seeded float64 MLP VAE, 784-64-4, for checks against theory; keyword arguments override config fields."""
+    torch.manual_seed(0)
+    return VAE(TrainConfig(hidden=(64,), latent_dim=4, **overrides)).double()
 
 
 @pytest.fixture(scope="session")
