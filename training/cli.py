@@ -41,13 +41,13 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from training.checkpoints import load_checkpoint
     from training.config import TrainConfig
     from training.data import find_data_dir, load_splits
     from training.evaluate import evaluate
-    from training.train import load_checkpoint
 
     model, ckpt = load_checkpoint(args.checkpoint)
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    cfg = TrainConfig.from_dict(ckpt["config"], source=str(args.checkpoint))
     splits = load_splits(
         cfg.dataset,
         str(find_data_dir(cfg.dataset, args.data_dir, prefer=cfg.data_dir)),

@@ -1,17 +1,20 @@
-"""The training configuration: one dataclass, and an argparse parser generated from it.
+"""The training configuration: one pydantic model, and the `train` command's flags generated from it.
 
-Every field is a command-line flag (`latent_dim` -> `--latent-dim`) whose default is the field's default, so
-the defaults below *are* the documented default model, and a checkpoint can carry its config as a plain dict.
+Every field is a flag (`latent_dim` -> `--latent-dim`) whose default is the field's default and whose help is
+the field's description, so the defaults below *are* the documented default model. Checkpoints and the
+manifest carry the config as a plain dict; `TrainConfig.from_dict` reads one back and refuses a key it does
+not know (a setting renamed or removed since) instead of dropping it.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Dataset = Literal["fashion-mnist", "mnist"]
 Architecture = Literal["mlp", "conv"]
@@ -21,119 +24,123 @@ KLEstimator = Literal["analytic", "mc"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run. `help` metadata becomes the flag's help text."""
+class ConfigError(ValueError):
+    """A config that does not validate; the message is one line that names every offending key."""
+
+
+class TrainConfig(BaseModel):
+    """Everything that defines a training run."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # data
-    dataset: Dataset = field(default="fashion-mnist", metadata={"help": "Which image set to train on."})
-    data_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Directory with the four IDX .gz files (else $VAE_DATA_DIR, then the Debian path)."
-        },
+    dataset: Dataset = Field("fashion-mnist", description="Which image set to train on.")
+    data_dir: str | None = Field(
+        None, description="Directory with the four IDX .gz files (else $VAE_DATA_DIR, then the Debian path)."
     )
-    val_size: int = field(default=5000, metadata={"help": "Training images held out for validation."})
-    train_subset: int = field(
-        default=0, metadata={"help": "Use only the first N training images (0 = all); for smoke tests."}
+    val_size: int = Field(5000, ge=0, description="Training images held out for validation.")
+    train_subset: int = Field(
+        0, description="Use only the first N training images (0 = all); for smoke tests."
     )
     # model
-    arch: Architecture = field(default="mlp", metadata={"help": "Encoder/decoder family."})
-    hidden: tuple[int, ...] = field(
-        default=(512, 512), metadata={"help": "MLP hidden widths (decoder mirrors them), e.g. 512,512."}
+    arch: Architecture = Field("mlp", description="Encoder/decoder family.")
+    hidden: tuple[int, ...] = Field((512, 512), description="MLP hidden widths (the decoder mirrors them).")
+    channels: tuple[int, ...] = Field((32, 64), description="Conv channels of the two stride-2 stages.")
+    latent_dim: int = Field(32, ge=1, description="Dimension of z.")
+    activation: Activation = Field("gelu", description="Hidden-layer nonlinearity.")
+    likelihood: LikelihoodName = Field(
+        "bernoulli", description="p(x|z): Bernoulli logits or a Gaussian mean."
     )
-    channels: tuple[int, ...] = field(
-        default=(32, 64), metadata={"help": "Conv channels of the two stride-2 stages, e.g. 32,64."}
-    )
-    latent_dim: int = field(default=32, metadata={"help": "Dimension of z."})
-    activation: Activation = field(default="gelu", metadata={"help": "Hidden-layer nonlinearity."})
-    likelihood: LikelihoodName = field(
-        default="bernoulli", metadata={"help": "p(x|z): Bernoulli logits or a Gaussian mean."}
-    )
-    gaussian_std: float = field(
-        default=0.1, metadata={"help": "Fixed pixel standard deviation of the Gaussian likelihood."}
+    gaussian_std: float = Field(
+        0.1, gt=0, description="Fixed pixel standard deviation of the Gaussian likelihood."
     )
     # objective
-    kl: KLEstimator = field(
-        default="analytic", metadata={"help": "KL term: closed form (SGVB B) or Monte Carlo (SGVB A)."}
-    )
-    samples: int = field(default=1, metadata={"help": "Samples of z per example in the training ELBO (L)."})
-    beta: float = field(default=1.0, metadata={"help": "Weight of the KL term after warm-up."})
-    kl_warmup: float = field(
-        default=0.02, metadata={"help": "Fraction of training over which the KL weight ramps 0 -> beta."}
+    kl: KLEstimator = Field("analytic", description="KL term: closed form (SGVB B) or Monte Carlo (SGVB A).")
+    samples: int = Field(1, ge=1, description="Samples of z per example in the training ELBO (L).")
+    beta: float = Field(1.0, description="Weight of the KL term after warm-up.")
+    kl_warmup: float = Field(
+        0.02, ge=0, lt=1, description="Fraction of training over which the KL weight ramps 0 -> beta."
     )
     # optimisation
-    epochs: int = field(default=100, metadata={"help": "Maximum number of epochs."})
-    max_minutes: float = field(
-        default=0.0,
-        metadata={"help": "Training time budget; the lr schedule follows elapsed time (0 = epochs only)."},
+    epochs: int = Field(100, ge=1, description="Maximum number of epochs.")
+    max_minutes: float = Field(
+        0.0, ge=0, description="Training time budget; the lr schedule follows elapsed time (0 = epochs only)."
     )
-    batch_size: int = field(default=256, metadata={"help": "Global batch size (split across ranks)."})
-    batch_start: int = field(
-        default=128, metadata={"help": "Start at this batch size and double up to batch_size (0 = no ramp)."}
+    batch_size: int = Field(256, ge=1, description="Global batch size (split across ranks).")
+    batch_start: int = Field(
+        128, ge=0, description="Start at this batch size and double up to batch_size (0 = no ramp)."
     )
-    batch_ramp: float = field(
-        default=0.02, metadata={"help": "Fraction of training over which the batch size ramp runs."}
+    batch_ramp: float = Field(
+        0.02, gt=0, le=1, description="Fraction of training over which the batch size ramp runs."
     )
-    lr: float = field(default=2e-3, metadata={"help": "Peak Adam learning rate."})
-    lr_min: float = field(default=1e-5, metadata={"help": "Learning rate at the end of the cosine decay."})
-    lr_warmup: float = field(
-        default=0.001, metadata={"help": "Fraction of training with a linear lr ramp-up."}
+    lr: float = Field(2e-3, gt=0, description="Peak Adam learning rate.")
+    lr_min: float = Field(1e-5, description="Learning rate at the end of the cosine decay.")
+    lr_warmup: float = Field(0.001, ge=0, lt=1, description="Fraction of training with a linear lr ramp-up.")
+    weight_decay: float = Field(0.01, description="AdamW weight decay.")
+    grad_clip: float = Field(
+        200.0,
+        description="Clip the gradient norm to this (well above its usual size): stops KL spikes (0 = off).",
     )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    grad_clip: float = field(
-        default=200.0,
-        metadata={"help": "Clip the gradient norm (typical: ~50) to this; stops rare KL spikes (0 = off)."},
-    )
-    seed: int = field(default=0, metadata={"help": "Seeds the split, the batch order, init and the noise."})
+    seed: int = Field(0, description="Seeds the split, the batch order, init and the noise.")
     # run
-    device: DeviceName = field(default="auto", metadata={"help": "auto picks cuda when available."})
-    amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on cuda (ignored on cpu)."})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = torch's default)."})
-    out: str = field(default="runs/default", metadata={"help": "Run directory for checkpoints and logs."})
-    resume: bool = field(default=False, metadata={"help": "Continue from OUT/last.pt."})
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar per epoch."})
-    export: str | None = field(
-        default=None, metadata={"help": "After training, export the best checkpoint to this model directory."}
+    device: DeviceName = Field("auto", description="auto picks cuda when available.")
+    amp: bool = Field(False, description="bfloat16 autocast on cuda (ignored on cpu).")
+    threads: int = Field(0, description="torch intra-op threads (0 = torch's default).")
+    out: str = Field("runs/default", description="Run directory for checkpoints and logs.")
+    resume: bool = Field(False, description="Continue from OUT/last.pt.")
+    progress: bool = Field(True, description="Show a progress bar per epoch.")
+    export: str | None = Field(
+        None, description="After training, export the best checkpoint to this model directory."
     )
-    iwae_k: int = field(default=1000, metadata={"help": "Importance samples for the exported test NLL."})
-    goal_nll: float = field(
-        default=0.0,
-        metadata={"help": "Target test NLL recorded in the manifest with --max-minutes (0 = no goal)."},
+    iwae_k: int = Field(1000, ge=1, description="Importance samples for the exported test NLL.")
+    goal_nll: float = Field(
+        0.0, ge=0, description="Target test NLL recorded in the manifest with --max-minutes (0 = no goal)."
     )
 
-    def __post_init__(self) -> None:
-        checks = [
-            (self.val_size >= 0, "val_size must be >= 0"),
-            (self.latent_dim >= 1, "latent_dim must be >= 1"),
-            (self.samples >= 1, "samples must be >= 1"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (0 <= self.batch_start <= self.batch_size, "batch_start must be in [0, batch_size]"),
-            (0.0 < self.batch_ramp <= 1.0, "batch_ramp must be in (0, 1]"),
-            (0.0 <= self.kl_warmup < 1.0, "kl_warmup must be in [0, 1)"),
-            (0.0 <= self.lr_warmup < 1.0, "lr_warmup must be in [0, 1)"),
-            (self.max_minutes >= 0, "max_minutes must be >= 0"),
-            (self.gaussian_std > 0, "gaussian_std must be > 0"),
-            (len(self.hidden) >= 1 and min(self.hidden) >= 1, "hidden needs at least one positive width"),
-            (len(self.channels) == 2 and min(self.channels) >= 1, "channels needs two positive widths"),
-            (self.iwae_k >= 1, "iwae_k must be >= 1"),
-            (self.goal_nll >= 0, "goal_nll must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+    @field_validator("hidden")
+    @classmethod
+    def _hidden_widths(cls, hidden: tuple[int, ...]) -> tuple[int, ...]:
+        if not hidden or min(hidden) < 1:
+            raise ValueError("hidden needs at least one positive width")
+        return hidden
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @field_validator("channels")
+    @classmethod
+    def _conv_channels(cls, channels: tuple[int, ...]) -> tuple[int, ...]:
+        if len(channels) != 2 or min(channels) < 1:
+            raise ValueError("channels needs two positive widths")
+        return channels
+
+    @model_validator(mode="after")
+    def _batch_ramp_start(self) -> TrainConfig:
+        if self.batch_start > self.batch_size:
+            raise ValueError("batch_start must be in [0, batch_size]")
+        return self
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Rebuild from `to_dict` output (tuples come back from JSON/pickle as lists)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
-        return cls(**clean)
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> TrainConfig:
+        """Validate a config read back from `source` (a checkpoint, a manifest, the command line).
+
+        Lists stand for tuples (JSON has no tuples). Raises ConfigError, naming `source` and every key that is
+        unknown or invalid.
+        """
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise ConfigError(f"{source}: {_one_line(e)}") from None
+
+
+def _one_line(error: ValidationError) -> str:
+    problems = []
+    for e in error.errors(include_url=False):
+        key = ".".join(str(part) for part in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {key!r} (renamed or removed?)")
+        elif e["type"] == "value_error":  # the validators above: their messages name their keys
+            problems.append(str(e["ctx"]["error"]))
+        else:
+            problems.append(f"{key}: {e['msg']}")
+    return "; ".join(problems)
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -143,28 +150,39 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _parsing(annotation: Any) -> dict[str, Any]:
+    """How argparse reads a field of this type: the `add_argument` keywords."""
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(annotation) is Literal:
+        return {"choices": get_args(annotation)}
+    if annotation == tuple[int, ...]:
+        return {"type": _int_tuple, "metavar": "N,N"}
+    if get_origin(annotation) in (types.UnionType, typing.Union):  # X | None: the flag gives an X
+        (inner,) = (a for a in get_args(annotation) if a is not type(None))
+        return {"type": inner}
+    return {"type": annotation}
+
+
+def _shown(default: Any) -> str:
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per `TrainConfig` field, typed from its annotation."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
-        if hint is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
-            )
-        elif get_origin(hint) is Literal:
-            parser.add_argument(flag, choices=get_args(hint), default=f.default, help=help_text)
-        elif hint == tuple[int, ...]:
-            parser.add_argument(flag, type=_int_tuple, default=f.default, metavar="N,N", help=help_text)
-        elif get_origin(hint) in (types.UnionType, typing.Union):
-            (inner,) = (a for a in get_args(hint) if a is not type(None))
-            parser.add_argument(flag, type=inner, default=f.default, help=help_text)
-        else:
-            parser.add_argument(flag, type=hint, default=f.default, help=help_text)
+    """One flag per `TrainConfig` field, typed from its annotation, with its description as the help.
+
+    Flags not given stay out of the namespace, so the model's own defaults apply."""
+    for name, field in TrainConfig.model_fields.items():
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=argparse.SUPPRESS,
+            help=f"{field.description} (default: {_shown(field.default)})",
+            **_parsing(field.annotation),
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Build the config from parsed flags; invalid combinations raise ValueError with the reason."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    """The config the flags describe; invalid values raise ConfigError (a ValueError) with the reason."""
+    given = {name: value for name, value in vars(args).items() if name in TrainConfig.model_fields}
+    return TrainConfig.from_dict(given, source="train")

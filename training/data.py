@@ -10,7 +10,6 @@ Lookup order for the files: `--data-dir`, then `$VAE_DATA_DIR`, then the Debian 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import tempfile
@@ -22,14 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.manifest import sha256_file
+
 DATA_DIR_ENV = "VAE_DATA_DIR"
 MIRROR_ENV = "VAE_DATA_MIRROR"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
-SPLIT_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
+IMAGE_FILES = {"train": "train-images-idx3-ubyte.gz", "test": "t10k-images-idx3-ubyte.gz"}
+LABEL_FILES = {"train": "train-labels-idx1-ubyte.gz", "test": "t10k-labels-idx1-ubyte.gz"}
+FILES = (*IMAGE_FILES.values(), *LABEL_FILES.values())
+"""A data directory holds the release's four files. The VAE reads no labels, but the label files are part
+of the release: downloaded and checksummed with the images, they tell one dataset's files from another's."""
 
 # SHA-256 of the official .gz files. Fashion-MNIST: the files of Debian's dataset-fashion-mnist, which are
 # Zalando's release. MNIST: the files served by LeCun's page and its PyTorch mirror.
@@ -70,14 +72,11 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Splits:
-    """Images as float32 [N, 1, 28, 28] in [0, 1] and labels as int64 [N]."""
+    """Images as float32 [N, 1, 28, 28] in [0, 1]."""
 
     train: torch.Tensor
-    train_labels: torch.Tensor
     val: torch.Tensor
-    val_labels: torch.Tensor
     test: torch.Tensor
-    test_labels: torch.Tensor
 
 
 def candidate_dirs(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -101,15 +100,14 @@ def find_data_dir(
 
     `prefer` (a checkpoint's recorded --data-dir) is tried first but may be gone: a run trained in a
     container under /data is evaluated on the host from the usual places."""
-    names = [name for pair in SPLIT_FILES.values() for name in pair]
     if data_dir is not None:
-        missing = [n for n in names if not (Path(data_dir) / n).is_file()]
+        missing = [n for n in FILES if not (Path(data_dir) / n).is_file()]
         if missing:
             raise DataError(f"{data_dir} lacks {', '.join(missing)}")
         return _not_another_dataset(dataset, Path(data_dir))
     candidates = ([Path(prefer)] if prefer else []) + candidate_dirs(dataset)
     for d in candidates:
-        if all((d / n).is_file() for n in names):
+        if all((d / n).is_file() for n in FILES):
             return _not_another_dataset(dataset, d)
     tried = ", ".join(str(d) for d in candidates)
     raise DataError(
@@ -123,7 +121,7 @@ def _not_another_dataset(dataset: str, directory: Path) -> Path:
     for other, table in SHA256.items():
         # the 5 KB test labels first: the 26 MB training images are hashed only if everything else matched
         files = sorted(table, key=lambda name: (directory / name).stat().st_size)
-        if other != dataset and all(sha256_of(directory / name) == table[name] for name in files):
+        if other != dataset and all(sha256_file(directory / name) == table[name] for name in files):
             raise DataError(
                 f"{directory} holds the {other} files, not {dataset}'s: pass --dataset {other}, "
                 f"or point --data-dir / ${DATA_DIR_ENV} at the {dataset} files"
@@ -154,17 +152,13 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def load_split(directory: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as float32 [N, 1, 28, 28] in [0, 1] and int64 labels [N] for "train" or "test"."""
-    image_file, label_file = (directory / name for name in SPLIT_FILES[split])
+def load_split(directory: Path, split: str) -> torch.Tensor:
+    """The "train" or "test" images as float32 [N, 1, 28, 28] in [0, 1]."""
+    image_file = directory / IMAGE_FILES[split]
     images = read_idx(image_file)
-    labels = read_idx(label_file)
     if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[1:]:
         raise DataError(f"{image_file}: expected [N, 28, 28] images, got {list(images.shape)}")
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise DataError(f"{label_file}: {labels.shape} labels for {len(images)} images in {image_file}")
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)  # [N, 28, 28] -> [N, 1, 28, 28]
-    return x, torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)  # [N, 28, 28] -> [N, 1, 28, 28]
 
 
 def load_splits(
@@ -172,23 +166,14 @@ def load_splits(
 ) -> Splits:
     """Train/validation/test; the validation images are a seeded random draw from the training file."""
     directory = find_data_dir(dataset, data_dir)
-    x, y = load_split(directory, "train")
+    x = load_split(directory, "train")
     if train_subset:
-        x, y = x[:train_subset], y[:train_subset]
+        x = x[:train_subset]
     if val_size >= len(x):
         raise DataError(f"val_size {val_size} leaves no training images out of {len(x)}")
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
-    x_test, y_test = load_split(directory, "test")
-    return Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], x_test, y_test)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return Splits(x[train_idx], x[val_idx], load_split(directory, "test"))
 
 
 def download(dataset: str, dest: Path, mirrors: list[str] | None = None, timeout: float = 60.0) -> list[Path]:
@@ -205,7 +190,7 @@ def download(dataset: str, dest: Path, mirrors: list[str] | None = None, timeout
     paths = []
     for name, expected in SHA256[dataset].items():
         target = dest / name
-        if target.is_file() and sha256_of(target) == expected:
+        if target.is_file() and sha256_file(target) == expected:
             paths.append(target)
             continue
         errors = []
@@ -216,7 +201,7 @@ def download(dataset: str, dest: Path, mirrors: list[str] | None = None, timeout
             try:
                 with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
                     shutil.copyfileobj(response, out)
-                actual = sha256_of(tmp)
+                actual = sha256_file(tmp)
                 if actual != expected:
                     errors.append(f"{url}: sha256 {actual} != expected {expected}")
                     continue

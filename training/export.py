@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-import math
 import os
 import platform
 import shutil
@@ -31,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from service.manifest import (
@@ -51,11 +49,12 @@ from service.manifest import (
     sha256_file,
     write_manifest,
 )
+from training.checkpoints import load_checkpoint, run_record
 from training.config import TrainConfig
 from training.data import find_data_dir, load_split
 from training.evaluate import EvalResult, evaluate
+from training.figures import save_figures
 from training.model import VAE
-from training.train import LAST, load_checkpoint
 
 TOLERANCE = 1e-4
 OPSET = 18
@@ -172,58 +171,6 @@ def check_parity(model: VAE, out_dir: Path, images: torch.Tensor, seed: int = 0)
     return check
 
 
-def _grid(images: np.ndarray, cols: int) -> Image.Image:
-    """[N, 1, H, W] in [0, 1] -> one greyscale image, `cols` tiles per row with a 2-pixel gutter."""
-    n, _, h, w = images.shape
-    rows = math.ceil(n / cols)
-    canvas = np.ones((rows * (h + 2) + 2, cols * (w + 2) + 2), dtype=np.float32)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + c * (w + 2) : 2 + c * (w + 2) + w] = img[0]
-    pixels = (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
-    return Image.fromarray(pixels).resize(
-        (canvas.shape[1] * 3, canvas.shape[0] * 3), Image.Resampling.NEAREST
-    )
-
-
-def save_figures(
-    model: VAE, test_images: torch.Tensor, history: list[dict[str, float]], out_dir: Path
-) -> None:
-    """samples.png, reconstructions.png and curves.png (matplotlib's Agg backend: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = 16
-    with torch.inference_mode():
-        z = torch.randn(8 * cols, model.latent_dim, generator=torch.Generator().manual_seed(0))
-        _grid(model.decode_mean(z).numpy(), cols).save(out_dir / "samples.png")
-        cols = min(cols, len(test_images))  # up to 4 full rows of test images, each over its reconstructions
-        x = test_images[: min(4, len(test_images) // cols) * cols]
-        recon = model.decode_mean(model.encode(x).mu)
-        pairs = torch.cat(
-            [torch.stack([x[i : i + cols], recon[i : i + cols]]) for i in range(0, len(x), cols)]
-        )
-        _grid(pairs.flatten(0, 1).numpy(), cols).save(out_dir / "reconstructions.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    epochs = [row["epoch"] for row in history]
-    ax.plot(epochs, [row["train_elbo"] for row in history], label="train ELBO")
-    ax.plot(epochs, [row["val_elbo"] for row in history], label="validation ELBO")
-    finite = [v for row in history for v in (row["train_elbo"], row["val_elbo"]) if math.isfinite(v)]
-    if finite:  # the first epochs dwarf the rest; show the part where the models differ
-        top = max(finite)
-        ax.set_ylim(top - 3 * (top - sorted(finite)[len(finite) // 2]) - 5, top + 2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("ELBO (nats per image)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "curves.png")
-    plt.close(fig)
-
-
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for package in ("torch", "numpy", "onnx", "onnxscript", "onnxruntime"):
@@ -240,17 +187,6 @@ def describe_architecture(cfg: TrainConfig) -> str:
         return f"mlp {sizes} {cfg.activation}"
     c1, c2 = cfg.channels
     return f"conv {c1}-{c2} hidden {cfg.hidden[0]} latent {cfg.latent_dim} {cfg.activation}"
-
-
-def run_record(checkpoint: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """The whole run's epochs, seconds and history: the checkpoint holds them only up to its own epoch, so
-    they come from `last.pt` beside it when that continues the same history (else from the checkpoint)."""
-    last_path = checkpoint.parent / LAST
-    if last_path.is_file() and last_path.resolve() != checkpoint.resolve():
-        last = torch.load(last_path, map_location="cpu", weights_only=False)
-        if last["history"][: len(ckpt["history"])] == ckpt["history"]:
-            ckpt = last
-    return {"epochs": ckpt["epoch"], "seconds": ckpt["elapsed"], "history": ckpt["history"]}
 
 
 def build_manifest(
@@ -291,7 +227,7 @@ def build_manifest(
         export_check=check,
         training=TrainingRecord(
             command=ckpt.get("command", ""),
-            config=cfg.to_dict(),
+            config=cfg.model_dump(),
             epochs=run["epochs"],
             best_epoch=ckpt["epoch"],
             seconds=round(run["seconds"], 1),
@@ -329,8 +265,8 @@ def export_checkpoint(
     images only (for smoke tests; the manifest records how many were used).
     """
     model, ckpt = load_checkpoint(checkpoint)
-    cfg = TrainConfig.from_dict(ckpt["config"])
-    x_test, _ = load_split(find_data_dir(cfg.dataset, data_dir, prefer=cfg.data_dir), "test")
+    cfg = TrainConfig.from_dict(ckpt["config"], source=str(checkpoint))
+    x_test = load_split(find_data_dir(cfg.dataset, data_dir, prefer=cfg.data_dir), "test")
     if test_images:
         x_test = x_test[:test_images]
     k = iwae_k or cfg.iwae_k

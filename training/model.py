@@ -19,11 +19,11 @@ from training.config import TrainConfig
 
 # logvar is clamped to this range before anything exponentiates it. The floor keeps exp(logvar) away from 0
 # (sigma >= 3e-7). The ceiling is low on purpose: a posterior wider than the N(0, I) prior (logvar > 0) only
-# adds KL, so a working encoder stays at or below ~0 on real images (measured: max 0.02 on Fashion-MNIST train
-# and test). On an image unlike any in training, though, an MLP encoder extrapolates: one validation image
-# reached logvar 11 (sigma 245) late in a run, and its z, decoded, cost 3e5 nats, enough to move the mean
-# validation ELBO by 60. Capping sigma at e (logvar 2) bounds that damage in training and in the exported
-# encoder alike, so clients sampling from (mu, logvar) get the same bound.
+# adds KL, so a working encoder keeps logvar at or below about 0 on real images. On an image unlike any in
+# training, though, an MLP encoder extrapolates to a huge sigma, and the z it then draws, far outside the
+# prior, decodes at a cost large enough to swamp the mean validation ELBO. Capping sigma at e (logvar 2)
+# bounds that damage in training and in the exported encoder alike, so clients sampling from (mu, logvar)
+# get the same bound.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 2.0
 
 
@@ -31,8 +31,8 @@ def clamp_logvar(logvar: torch.Tensor) -> torch.Tensor:
     """Clamp the value but pass the gradient straight through.
 
     A plain clamp has zero gradient outside the range: after one bad optimizer step an example whose logvar
-    lands above the ceiling stays there (with a ceiling of 20, its KL term stuck at ~1e8 nats for 9 epochs,
-    measured here) because nothing pulls it back. With the straight-through gradient the KL term pushes it back down at once.
+    lands above the ceiling stays there, its KL term stuck, because nothing pulls it back. With the
+    straight-through gradient the KL term pushes it back down at once.
     """
     clamped = logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
     if not logvar.requires_grad:  # inference and export: a plain clamp
@@ -65,10 +65,6 @@ class DiagonalGaussian:
     def __init__(self, mu: torch.Tensor, logvar: torch.Tensor) -> None:
         self.mu = mu
         self.logvar = logvar
-
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.exp(0.5 * self.logvar)
 
     def sample(
         self, eps: torch.Tensor | None = None, generator: torch.Generator | None = None

@@ -1,4 +1,4 @@
-"""The training run, top to bottom: settings -> data -> model -> optimizer -> loop -> validate -> checkpoint.
+"""The training run, top to bottom: set-up, then epoch -> validation -> checkpoint until epochs or time end.
 
     python -m training train --out runs/default                    # one process
     torchrun --standalone --nproc-per-node 2 -m training train ...  # data-parallel, same flags
@@ -21,41 +21,26 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from training.checkpoints import BEST, LAST, RunState, checkpoint_payload, resume, save_checkpoint
 from training.config import TrainConfig
 from training.data import load_splits
 from training.evaluate import elbo_stats
 from training.model import VAE
-from training.objectives import negative_elbo
-
-LAST, BEST = "last.pt", "best.pt"
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "resume",
-        "epochs",
-        "max_minutes",
-        "progress",
-        "export",
-        "threads",
-        "device",
-        "data_dir",
-        "iwae_k",
-        "goal_nll",
-    }
-)
-"""Settings a resumed run may change: budgets, where things are, how it reports; not the model or its optimiser."""
+from training.objectives import ElboTerms, negative_elbo
 
 # hook(epochs done as a float, model, training seconds so far); runs with the training clock stopped
 ProgressHook = Callable[[float, VAE, float], None]
+Clock = Callable[[], float]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,241 +103,294 @@ def schedule(cfg: TrainConfig, progress: float) -> tuple[float, float, int]:
 
 
 @dataclass
+class Run:
+    """One training job as set up: its settings, where it runs, its data, its model and optimiser."""
+
+    cfg: TrainConfig
+    command: str  # recorded in the checkpoints, and from there in the manifest
+    ranks: Dist
+    device: torch.device
+    out_dir: Path
+    x_train: torch.Tensor  # [N, 1, 28, 28] on the device
+    x_val: torch.Tensor
+    model: VAE
+    net: torch.nn.Module  # the model, or DistributedDataParallel around it
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def budget(self) -> float:
+        """Training seconds allowed (0: no time limit)."""
+        return self.cfg.max_minutes * 60.0
+
+    def progress(self, state: RunState) -> float:
+        """Training progress p: examples seen of all epochs' examples, or the budget spent if that is more."""
+        p = state.seen / (len(self.x_train) // self.ranks.world * self.cfg.epochs)
+        return max(p, state.elapsed / self.budget) if self.budget else p
+
+    def share(self, *values: float) -> list[float]:
+        """Rank 0's values on every rank when there is a time budget: each rank has its own clock, but all
+        must agree on the schedule and on when to stop."""
+        if not self.budget or self.ranks.world == 1:
+            return list(values)
+        shared = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.broadcast(shared, src=0)
+        return shared.tolist()
+
+
+class Stopwatch:
+    """Training seconds, continuing from `start`; paused while progress hooks run."""
+
+    def __init__(self, clock: Clock, start: float) -> None:
+        self.clock = clock
+        self.origin = clock() - start
+
+    def read(self) -> float:
+        return self.clock() - self.origin
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        stopped = self.clock()
+        try:
+            yield
+        finally:
+            self.origin += self.clock() - stopped
+
+
+@dataclass
+class EpochResult:
+    sums: torch.Tensor  # loss, recon, KL and examples, summed over every rank's steps
+    lr: float  # the last step's learning rate and KL weight
+    beta: float
+    out_of_time: bool  # the time budget ran out before the shard did
+
+
+@dataclass
 class TrainResult:
     model: VAE
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_val_median_elbo: float = -math.inf
-    seconds: float = 0.0
-    out_dir: Path = Path()
+    history: list[dict[str, float]]
+    seconds: float
+    out_dir: Path
 
     @property
     def best_checkpoint(self) -> Path:
         return self.out_dir / BEST
 
 
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-save never leaves a truncated checkpoint behind."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
-def check_resumable(saved: dict[str, Any], cfg: TrainConfig) -> None:
-    """Refuse to resume with other model or optimisation settings: the weights would not load, or two runs'
-    settings would be mixed under one recorded config."""
-    now = cfg.to_dict()
-    changed = sorted(key for key in now if key not in RESUME_MAY_CHANGE and saved.get(key) != now[key])
-    if changed:
-        differences = ", ".join(f"{key} {saved.get(key)!r} (now {now[key]!r})" for key in changed)
-        raise ValueError(
-            f"--resume: the run in {cfg.out} was trained with other settings: {differences}; "
-            "pass the run's own settings (its checkpoint's config) or train into a new --out"
-        )
-
-
-def load_checkpoint(path: Path | str) -> tuple[VAE, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes (its config travels with it) and load its weights."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = VAE(TrainConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, ckpt
-
-
 def train(
-    cfg: TrainConfig, command: str = "", hook: ProgressHook | None = None, hook_every: int = 0
+    cfg: TrainConfig,
+    command: str = "",
+    hook: ProgressHook | None = None,
+    hook_every: int = 0,
+    clock: Clock = time.perf_counter,
 ) -> TrainResult:
     """Run one training job; returns the final model and the per-epoch history.
 
     `hook` runs on rank 0 after each epoch and, if `hook_every` > 0, every `hook_every` training examples,
     with the training clock stopped: the benchmark uses it to score the test set as training goes without
     charging that time to training. `command` is recorded in the checkpoints (and so in the manifest).
+    `clock` measures the time budget (tests pass a fake one).
     """
-    # -- settings --------------------------------------------------------------------------------------------
-    torch.set_flush_denormal(True)  # denormal floats in late training slow CPU matmuls by ~20%
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dev_info, device = init_distributed(resolve_device(cfg.device))
-    out_dir = Path(cfg.out)
-    if dev_info.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    use_amp = cfg.amp and device.type == "cuda"
-
-    # -- data: the whole set as tensors on the device; batches are index lookups ----------------------------
-    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.train_subset)
-    x_train, x_val = splits.train.to(device), splits.val.to(device)
-    shard_len = (len(x_train) - len(x_train) % dev_info.world) // dev_info.world
-    total_examples = shard_len * cfg.epochs  # per rank
-    budget = cfg.max_minutes * 60.0
-
-    # -- model and optimizer (same seed on every rank: identical initial weights) ----------------------------
-    torch.manual_seed(cfg.seed)
-    model = VAE(cfg).to(device)
-    # fused: one kernel for the whole update instead of a dozen per-tensor ops; a fifth of a CPU step at batch 256
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    start_epoch, seen, elapsed = 0, 0, 0.0
-    history: list[dict[str, float]] = []
-    best_val = -math.inf
-    if cfg.resume:
-        ckpt = torch.load(out_dir / LAST, map_location=device, weights_only=False)
-        check_resumable(ckpt["config"], cfg)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, seen, elapsed = ckpt["epoch"], ckpt["seen"], ckpt["elapsed"]
-        history, best_val = ckpt["history"], ckpt["best_val_median_elbo"]
-        command = ckpt.get("command", command)
-    net: torch.nn.Module = model
-    if dev_info.world > 1:
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def progress_now() -> float:
-        p = seen / total_examples
-        return max(p, elapsed / budget) if budget else p
-
-    def checkpoint(epoch: int) -> dict[str, Any]:
-        return {
-            "config": cfg.to_dict(),
-            "command": command,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "seen": seen,
-            "elapsed": elapsed,
-            "history": history,
-            "best_val_median_elbo": best_val,
-            "device": str(device),
-            "world_size": dev_info.world,
-        }
-
-    # -- loop ------------------------------------------------------------------------------------------------
-    epoch = start_epoch
-    val_seconds = 0.0
+    run, state = set_up(cfg, command)
+    val_seconds = 0.0  # the last validation pass's: a time-limited epoch stops in time for the next one
     out_of_time = False
-    while epoch < cfg.epochs and progress_now() < 1.0 and not out_of_time:
-        model.train()
-        clock = time.perf_counter()
-        start_elapsed = elapsed
-        idx = shard_indices(len(x_train), epoch, cfg.seed, dev_info.rank, dev_info.world).to(device)
-        # noise re-seeded per (epoch, rank): ranks draw different eps, and a resumed run draws the same eps
-        noise = torch.Generator(device=device).manual_seed(
-            (cfg.seed * 100_003 + epoch) * 1009 + dev_info.rank
-        )
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, recon, kl, examples
-        bar = tqdm(
-            total=len(idx),
-            desc=f"epoch {epoch + 1}",
-            unit="img",
-            leave=False,
-            disable=not (cfg.progress and dev_info.main),
-        )
-        lr = beta = 0.0
-        i = step = 0
-        while i < len(idx):
-            step_start = elapsed
-            lr, beta, batch = schedule(cfg, progress_now())
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            xb = x_train[idx[i : i + max(1, batch // dev_info.world)]]  # [b, 1, 28, 28]
-            i += len(xb)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                terms = negative_elbo(net, xb, samples=cfg.samples, kl=cfg.kl, beta=beta, generator=noise)
-            loss = terms.loss.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            seen += len(xb)
-            with torch.no_grad():
-                sums[:3] += torch.stack([terms.loss.sum(), terms.recon.sum(), terms.kl.sum()]).double()
-                sums[3] += len(xb)
-            elapsed = start_elapsed + time.perf_counter() - clock
-            # stop early enough that one more step and the validation pass still fit in the budget, with a
-            # margin for a machine whose speed varies (other jobs on the same cores)
-            reserve = 2.0 * (elapsed - step_start) + 1.5 * val_seconds
-            if budget and dev_info.world > 1:  # every rank must agree on the schedule and on when to stop
-                shared = torch.tensor([elapsed, reserve], dtype=torch.float64, device=device)
-                dist.broadcast(shared, src=0)
-                elapsed, reserve = shared.tolist()
-            bar.update(len(xb))
-            if (
-                hook is not None
-                and hook_every
-                and dev_info.main
-                and seen // hook_every > (seen - len(xb)) // hook_every
-            ):
-                paused = time.perf_counter()
-                hook(epoch + i / len(idx), model, elapsed)
-                model.train()
-                clock += time.perf_counter() - paused
-            if step % 20 == 0:  # reading the sums syncs a GPU stream; do it now and then, not every step
-                loss_sum, recon_sum, kl_sum, count = sums.tolist()
-                bar.set_postfix(
-                    loss=f"{loss_sum / count:.1f}",
-                    recon=f"{recon_sum / count:.1f}",
-                    kl=f"{kl_sum / count:.1f}",
-                    ex_s=f"{count * dev_info.world / max(elapsed - start_elapsed, 1e-9):.0f}",
-                )
-            if budget and elapsed + reserve >= budget:
-                out_of_time = True
-                break
-        bar.close()
-        if dev_info.world > 1:
-            dist.all_reduce(sums)
-        epoch += 1
+    while state.epoch < cfg.epochs and run.progress(state) < 1.0 and not out_of_time:
+        # -- epoch -------------------------------------------------------------------------------------------
+        watch = Stopwatch(clock, state.elapsed)
+        start_elapsed = state.elapsed
+        epoch = train_epoch(run, state, watch, val_seconds, hook, hook_every)
+        out_of_time = epoch.out_of_time
+        state.epoch += 1
 
-        # -- validate and checkpoint ---------------------------------------------------------------------
-        val_clock = time.perf_counter()
-        val = (
-            elbo_stats(model, x_val, seed=cfg.seed)
-            if len(x_val)
-            else {"elbo": math.nan, "median_elbo": math.nan}
-        )
-        val_seconds = time.perf_counter() - val_clock
-        elapsed = start_elapsed + time.perf_counter() - clock
-        if budget and dev_info.world > 1:  # the next epoch's schedule and the loop's test use rank 0's clock
-            shared = torch.tensor([elapsed, val_seconds], dtype=torch.float64, device=device)
-            dist.broadcast(shared, src=0)
-            elapsed, val_seconds = shared.tolist()
-        n = sums[3].item()
-        row = {
-            "epoch": epoch,
-            "train_loss": sums[0].item() / n,
-            "train_elbo": -(sums[1].item() + sums[2].item()) / n,
-            "train_recon": sums[1].item() / n,
-            "train_kl": sums[2].item() / n,
-            "val_elbo": val["elbo"],
-            "val_median_elbo": val["median_elbo"],
-            "lr": lr,
-            "beta": beta,
-            "epoch_seconds": time.perf_counter() - clock,
-            "elapsed": elapsed,
-            "examples": n,
-        }
-        history.append(row)
-        # best = the highest median validation ELBO (robust to a single odd image; see elbo_stats);
-        # with no validation set, the latest epoch
-        score = row["val_median_elbo"] if len(x_val) else row["train_elbo"]
-        improved = score > best_val or not len(x_val)
-        best_val = max(best_val, score)
-        if dev_info.main:
-            payload = checkpoint(epoch)
-            _save(out_dir / LAST, payload)
-            if improved:
-                _save(out_dir / BEST, payload)
-            tqdm.write(
-                f"epoch {epoch:4d} | train elbo {row['train_elbo']:8.2f} (recon {row['train_recon']:7.2f}"
-                f" kl {row['train_kl']:6.2f}) | val elbo {row['val_elbo']:8.2f} median {row['val_median_elbo']:8.2f}"
-                f"{' *' if improved else '  '}"
-                f" | lr {lr:.2e} beta {beta:.2f} | {row['epoch_seconds']:5.1f} s, {elapsed:6.1f} s total"
-            )
+        # -- validation (on the training clock) --------------------------------------------------------------
+        val_start = clock()
+        val = validate(run)
+        val_seconds = clock() - val_start
+        epoch_seconds = watch.read() - start_elapsed
+        # the next epoch's schedule and this loop's test use rank 0's clock
+        state.elapsed, val_seconds = run.share(start_elapsed + epoch_seconds, val_seconds)
+
+        # -- checkpoint --------------------------------------------------------------------------------------
+        row = epoch_row(state, epoch, val, epoch_seconds)
+        improved = record_epoch(run, state, row)
+        if run.ranks.main:
+            log_epoch(row, improved)
             if hook is not None:
-                hook(float(epoch), model, elapsed)
+                hook(float(state.epoch), run.model, state.elapsed)
 
-    if dev_info.world > 1:
+    # -- stop: out of epochs or out of time ------------------------------------------------------------------
+    if run.ranks.world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(
-        model=model, history=history, best_val_median_elbo=best_val, seconds=elapsed, out_dir=out_dir
+    return TrainResult(model=run.model, history=state.history, seconds=state.elapsed, out_dir=run.out_dir)
+
+
+def set_up(cfg: TrainConfig, command: str) -> tuple[Run, RunState]:
+    """Settings -> placement -> data -> model and optimiser, restored from OUT/last.pt with --resume."""
+    torch.set_flush_denormal(True)  # denormal floats, common late in training, slow CPU matmuls down
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ranks, device = init_distributed(resolve_device(cfg.device))
+    out_dir = Path(cfg.out)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # the whole set as tensors on the device: batches are index lookups
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.train_subset)
+
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
+    model = VAE(cfg).to(device)
+    # fused: one kernel for the whole update instead of a dozen per-tensor ops
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    state = RunState()
+    if cfg.resume:
+        state, command = resume(out_dir / LAST, cfg, model, optimizer, device)
+    net: torch.nn.Module = model
+    if ranks.world > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    run = Run(
+        cfg=cfg,
+        command=command,
+        ranks=ranks,
+        device=device,
+        out_dir=out_dir,
+        x_train=splits.train.to(device),
+        x_val=splits.val.to(device),
+        model=model,
+        net=net,
+        optimizer=optimizer,
+    )
+    return run, state
+
+
+def train_epoch(
+    run: Run,
+    state: RunState,
+    watch: Stopwatch,
+    val_seconds: float,
+    hook: ProgressHook | None,
+    hook_every: int,
+) -> EpochResult:
+    """One pass over this rank's shard, cut short when the rest of the time budget is needed."""
+    cfg, ranks = run.cfg, run.ranks
+    run.model.train()
+    idx = shard_indices(len(run.x_train), state.epoch, cfg.seed, ranks.rank, ranks.world).to(run.device)
+    # noise re-seeded per (epoch, rank): ranks draw different eps, and a resumed run draws the same eps
+    noise = torch.Generator(device=run.device).manual_seed(
+        (cfg.seed * 100_003 + state.epoch) * 1009 + ranks.rank
+    )
+    sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # loss, recon, kl, examples
+    show = cfg.progress and ranks.main
+    bar = tqdm(total=len(idx), desc=f"epoch {state.epoch + 1}", unit="img", leave=False, disable=not show)
+    start_elapsed = state.elapsed
+    lr = beta = 0.0
+    i = step = 0
+    out_of_time = False
+    while i < len(idx) and not out_of_time:
+        step_start = state.elapsed
+        lr, beta, batch = schedule(cfg, run.progress(state))
+        xb = run.x_train[idx[i : i + max(1, batch // ranks.world)]]  # [b, 1, 28, 28]
+        i += len(xb)
+        terms = train_step(run, xb, lr, beta, noise)
+        step += 1
+        state.seen += len(xb)
+        with torch.no_grad():
+            sums[:3] += torch.stack([terms.loss.sum(), terms.recon.sum(), terms.kl.sum()]).double()
+            sums[3] += len(xb)
+        elapsed = watch.read()
+        # stop early enough that one more step and the validation pass still fit in the budget, with a
+        # margin for a machine whose speed varies (other jobs on the same cores)
+        state.elapsed, reserve = run.share(elapsed, 2.0 * (elapsed - step_start) + 1.5 * val_seconds)
+        out_of_time = bool(run.budget) and state.elapsed + reserve >= run.budget
+        bar.update(len(xb))
+        crossed = hook_every and state.seen // hook_every > (state.seen - len(xb)) // hook_every
+        if hook is not None and crossed and ranks.main:
+            with watch.paused():
+                hook(state.epoch + i / len(idx), run.model, state.elapsed)
+                run.model.train()
+        if show and step % 20 == 0:  # reading the sums syncs a GPU stream: now and then, not every step
+            loss, recon, kl, count = sums.tolist()
+            rate = count * ranks.world / max(state.elapsed - start_elapsed, 1e-9)
+            bar.set_postfix(
+                loss=f"{loss / count:.1f}",
+                recon=f"{recon / count:.1f}",
+                kl=f"{kl / count:.1f}",
+                ex_s=f"{rate:.0f}",
+            )
+    bar.close()
+    if ranks.world > 1:
+        dist.all_reduce(sums)
+    return EpochResult(sums, lr, beta, out_of_time)
+
+
+def train_step(run: Run, x: torch.Tensor, lr: float, beta: float, noise: torch.Generator) -> ElboTerms:
+    """One optimiser step on the batch x [b, 1, 28, 28] at learning rate `lr` and KL weight `beta`."""
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    use_amp = cfg.amp and run.device.type == "cuda"
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        terms = negative_elbo(run.net, x, samples=cfg.samples, kl=cfg.kl, beta=beta, generator=noise)
+    run.optimizer.zero_grad(set_to_none=True)
+    terms.loss.mean().backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    return terms
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Mean and median validation ELBO (NaN without a validation set)."""
+    if not len(run.x_val):
+        return {"elbo": math.nan, "median_elbo": math.nan}
+    return elbo_stats(run.model, run.x_val, seed=run.cfg.seed)
+
+
+def epoch_row(
+    state: RunState, epoch: EpochResult, val: dict[str, float], epoch_seconds: float
+) -> dict[str, float]:
+    """The epoch's line in the history: per-example means of the training terms, validation ELBO, schedule."""
+    loss, recon, kl, n = epoch.sums.tolist()
+    return {
+        "epoch": state.epoch,
+        "train_loss": loss / n,
+        "train_elbo": -(recon + kl) / n,
+        "train_recon": recon / n,
+        "train_kl": kl / n,
+        "val_elbo": val["elbo"],
+        "val_median_elbo": val["median_elbo"],
+        "lr": epoch.lr,
+        "beta": epoch.beta,
+        "epoch_seconds": epoch_seconds,
+        "elapsed": state.elapsed,
+        "examples": n,
+    }
+
+
+def record_epoch(run: Run, state: RunState, row: dict[str, float]) -> bool:
+    """Add the row to the history and, on rank 0, write last.pt and, if the epoch is the best, best.pt.
+
+    Best is the highest median validation ELBO (robust to a single odd image; see `elbo_stats`); with no
+    validation set, the latest epoch. Returns whether this epoch is the best so far.
+    """
+    state.history.append(row)
+    has_val = len(run.x_val) > 0
+    score = row["val_median_elbo"] if has_val else row["train_elbo"]
+    improved = score > state.best_val_median_elbo or not has_val
+    state.best_val_median_elbo = max(state.best_val_median_elbo, score)
+    if run.ranks.main:
+        payload = checkpoint_payload(
+            run.cfg, run.command, run.model, run.optimizer, state, run.device, run.ranks.world
+        )
+        save_checkpoint(run.out_dir / LAST, payload)
+        if improved:
+            save_checkpoint(run.out_dir / BEST, payload)
+    return improved
+
+
+def log_epoch(row: dict[str, float], improved: bool) -> None:
+    tqdm.write(
+        f"epoch {row['epoch']:4.0f} | train elbo {row['train_elbo']:8.2f} (recon {row['train_recon']:7.2f}"
+        f" kl {row['train_kl']:6.2f}) | val elbo {row['val_elbo']:8.2f} median {row['val_median_elbo']:8.2f}"
+        f"{' *' if improved else '  '} | lr {row['lr']:.2e} beta {row['beta']:.2f}"
+        f" | {row['epoch_seconds']:5.1f} s, {row['elapsed']:6.1f} s total"
     )

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from training.config import TrainConfig
-from training.data import DEBIAN_DIR, SPLIT_FILES
+from training.data import DEBIAN_DIR, FILES, IMAGE_FILES, LABEL_FILES
+from training.model import VAE
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -20,6 +21,12 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
+
+
+def small_vae(**overrides: Any) -> VAE:
+    """A seeded float64 MLP VAE, 784-64-4, for checks against theory; keyword arguments override config fields."""
+    torch.manual_seed(0)
+    return VAE(TrainConfig(hidden=(64,), latent_dim=4, **overrides)).double()
 
 
 @pytest.fixture(scope="session")
@@ -33,16 +40,15 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for i, label in enumerate(labels):  # a bar whose position encodes the label, plus noise
             images[i, :, 2 + 2 * label : 6 + 2 * label] = 1.0
         images = np.clip(images * 230 + rng.normal(0, 20, images.shape), 0, 255)
-        image_file, label_file = SPLIT_FILES[split]
-        write_idx(directory / image_file, images)
-        write_idx(directory / label_file, labels)
+        write_idx(directory / IMAGE_FILES[split], images)
+        write_idx(directory / LABEL_FILES[split], labels)
     return directory
 
 
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
     """The Debian Fashion-MNIST files, which CI installs; tests that need them skip without them."""
-    if not all((DEBIAN_DIR / name).is_file() for pair in SPLIT_FILES.values() for name in pair):
+    if not all((DEBIAN_DIR / name).is_file() for name in FILES):
         pytest.skip(f"Fashion-MNIST not installed at {DEBIAN_DIR} (apt-get install dataset-fashion-mnist)")
     return DEBIAN_DIR
 

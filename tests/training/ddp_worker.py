@@ -3,7 +3,7 @@
     torchrun --standalone --nproc-per-node 2 tests/training/ddp_worker.py OUT_DIR DATA_DIR [MAX_MINUTES]
 
 Records every index this rank trained on (by wrapping `training.train.shard_indices`), the checkpoints it
-wrote (by wrapping `training.train._save`) and its final weights into OUT_DIR/rank{R}.pt, so the test can
+wrote (by wrapping `training.train.save_checkpoint`) and its final weights into OUT_DIR/rank{R}.pt, so the test can
 check that shards are disjoint, weights identical and only rank 0 writes. With MAX_MINUTES the run is up to
 1000 epochs under that time budget, so the ranks must agree on when to stop.
 """
@@ -25,7 +25,7 @@ max_minutes = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
 seen: list[torch.Tensor] = []
 saved: list[str] = []
 original = train_module.shard_indices
-original_save = train_module._save
+original_save = train_module.save_checkpoint
 
 
 def recording_shard_indices(n: int, epoch: int, seed: int, rank: int, world: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ def recording_save(path: Path, payload: dict[str, Any]) -> None:
 
 
 train_module.shard_indices = recording_shard_indices
-train_module._save = recording_save
+train_module.save_checkpoint = recording_save
 cfg = TrainConfig(
     data_dir=data_dir,
     val_size=100,
