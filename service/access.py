@@ -26,7 +26,7 @@ from service.errors import Unauthorized, render
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MIN_KEY_LENGTH = 16
-PROBES = frozenset({"/healthz", "/readyz"})
+PROBES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 DOCS = ("/docs", "/redoc", "/openapi.json")  # /docs also covers /docs-assets/ and the OAuth2 redirect
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="vae-serving"'}
 

@@ -29,6 +29,7 @@ from service.parse_pool import ParsePool
 from service.registry import Registry
 from service.routes import add_routes
 from service.settings import Settings
+from service.v2 import add_v2_routes
 
 DESCRIPTION = """
 Serves variational autoencoders exported to ONNX (`MODEL_DIR/NAME/VERSION/{model.json, encoder.onnx,
@@ -112,6 +113,7 @@ def create_app(settings: Settings) -> ServiceApp:
     install_middleware(app, settings=settings, metrics=metrics, known_models=registry.model_names)
     add_routes(app, settings)
     add_docs(app)
+    add_v2_routes(app, settings)
     return app
 
 
