@@ -29,9 +29,13 @@ from service.settings import Settings
 
 
 def logging_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging config plus the `service` logger on the same handler."""
+    """uvicorn's logging config plus the `service` logger on the same handler, and the API key's name (`-`
+    for none; `service.access`) at the end of each access line."""
     config = copy.deepcopy(LOGGING_CONFIG)
     config["loggers"]["service"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    config["filters"] = {"api_key": {"()": "service.access.KeyNameFilter"}}
+    config["handlers"]["access"]["filters"] = ["api_key"]
+    config["formatters"]["access"]["fmt"] += " key=%(api_key)s"
     return config
 
 

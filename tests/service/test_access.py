@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging.config
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.responses import JSONResponse
 
-from service.access import parse_api_keys
+from service.__main__ import logging_config
+from service.access import current_key, parse_api_keys
 from service.app import create_app
 from service.settings import Settings
 from tests.service.conftest import make_settings, serve
@@ -126,3 +128,18 @@ async def test_cors_is_off_by_default_and_answers_configured_origins(model_dir: 
             "/v1/models/tiny/sample", headers={**preflight, "Origin": "https://evil.example"}
         )
         assert "access-control-allow-origin" not in other.headers
+
+
+def test_the_access_log_names_the_key(capsys: pytest.CaptureFixture[str]) -> None:
+    """The access line ends with the key's name, set for the request by the ApiKeys middleware."""
+    logging.config.dictConfig(logging_config("info"))
+    access = logging.getLogger("uvicorn.access")
+    token = current_key.set("alice")
+    try:
+        access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "POST", "/v1/models/m/sample", "1.1", 200)
+    finally:
+        current_key.reset(token)
+    access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "GET", "/healthz", "1.1", 200)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].endswith("200 OK key=alice") and lines[-1].endswith("200 OK key=-")
+    assert ALICE not in "".join(lines)
