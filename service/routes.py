@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from service import operations
 from service.dispatch import Operation, OperationRoute
-from service.errors import check_limit
+from service.errors import Forbidden, check_limit
 from service.media import ARRAY_TYPES, IMAGE_TYPES, negotiate
 from service.metrics import Metrics
 from service.openapi import ERRORS, request_doc, responses_doc
@@ -35,12 +35,14 @@ from service.schemas import (
     EncodeParams,
     EncodeRequest,
     EncodeResponse,
+    ErrorResponse,
     ModelInfo,
     ModelList,
     Readiness,
     ReconstructParams,
     ReconstructRequest,
     ReconstructResponse,
+    ReloadResponse,
     RequestParams,
     SampleParams,
     SampleRequest,
@@ -202,6 +204,26 @@ async def prometheus(request: Request) -> Response:
     return Response(body, headers={"Content-Type": content_type})
 
 
+# ---- administration ------------------------------------------------------------------------------------
+
+
+async def reload_models(request: Request, registry: RegistryDep) -> Response:
+    """Rescan MODEL_DIR and swap in what changed. With API_KEYS set, the access middleware has already
+    refused callers without a valid key; without API_KEYS nobody may call it."""
+    if not settings_of(request).api_keys.get_secret_value().strip():
+        raise Forbidden(
+            "POST /admin/reload needs an API key, and none is configured: set API_KEYS and call it with "
+            "Authorization: Bearer KEY (or send the server SIGHUP)"
+        )
+    report = await registry.reload()
+    body = ReloadResponse(
+        loaded=list(report.loaded),
+        removed=list(report.removed),
+        refused=[asdict(failure) for failure in report.refused],
+    )
+    return json_response(body.model_dump())
+
+
 # ---- the route table -----------------------------------------------------------------------------------
 
 PREFIXES = {"": "/v1/models/{model}", "_version": "/v1/models/{model}/versions/{version}"}
@@ -307,6 +329,10 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
             )
     for path, endpoint, tag, summary, responses in INFO_ROUTES:
         router.add_api_route(path, endpoint, tags=[tag], summary=summary, responses=responses)
+    for path, endpoint, tag, summary, responses in ADMIN_ROUTES:
+        router.add_api_route(
+            path, endpoint, methods=["POST"], tags=[tag], summary=summary, responses=responses
+        )
 
 
 INFO_ROUTES: list[tuple[str, Callable[..., Awaitable[Response]], str, str, dict[int | str, Any]]] = [
@@ -343,3 +369,19 @@ INFO_ROUTES: list[tuple[str, Callable[..., Awaitable[Response]], str, str, dict[
     ("/metrics", prometheus, "health", "Prometheus metrics (text format).", {}),
 ]
 """(path, handler, tag, summary, responses) of the GET routes FastAPI serves itself."""
+
+ADMIN_ROUTES: list[tuple[str, Callable[..., Awaitable[Response]], str, str, dict[int | str, Any]]] = [
+    (
+        "/admin/reload",
+        reload_models,
+        "admin",
+        "Rescan MODEL_DIR: load new and changed versions, stop serving removed ones, refuse broken ones "
+        "(which never replace a serving version). Needs API_KEYS and a key.",
+        {
+            200: {"model": ReloadResponse, "description": "What the reload changed, and what stays refused."},
+            401: {"model": ErrorResponse, "description": "No valid API key."},
+            403: {"model": ErrorResponse, "description": "API_KEYS is not set: reloading over HTTP is off."},
+        },
+    ),
+]
+"""(path, handler, tag, summary, responses) of the POST routes that change the server's state."""

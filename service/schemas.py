@@ -194,6 +194,21 @@ class Readiness(BaseModel):
     )
 
 
+class ReloadResponse(BaseModel):
+    loaded: list[str] = Field(
+        description="NAME/VERSION loaded by this reload: new versions, or versions whose files changed.",
+        examples=[["fashion-mnist-mlp/3"]],
+    )
+    removed: list[str] = Field(
+        description="NAME/VERSION no longer served: their directories are gone. Requests already holding "
+        "one still complete.",
+        examples=[["fashion-mnist-mlp/1"]],
+    )
+    refused: list[NotReadyItem] = Field(
+        description="Every version under MODEL_DIR not served as its files are now, with the reason."
+    )
+
+
 class ErrorDetail(BaseModel):
     status: int
     field: str | None = Field(description="Dotted path of the offending part of the request.")

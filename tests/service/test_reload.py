@@ -351,3 +351,51 @@ async def test_without_a_poll_interval_nothing_is_picked_up(root: Path) -> None:
         await asyncio.sleep(0.2)
         assert (await sample(client, "3")).status_code == 404
         assert registry_of(app)._poller is None
+
+
+# ---- POST /admin/reload --------------------------------------------------------------------------------
+
+
+async def test_admin_reload_is_forbidden_without_api_keys(root: Path) -> None:
+    async with running(root) as (_, client):
+        write_model(root, "tiny", "3", seed=1)
+        response = await client.post("/admin/reload")
+        assert response.status_code == 403
+        error = response.json()["error"]
+        assert error["status"] == 403 and "API_KEYS" in error["message"]
+        assert (await sample(client, "3")).status_code == 404  # nothing was reloaded
+
+
+async def test_admin_reload_answers_the_report(root: Path) -> None:
+    (root / "tiny" / "9").mkdir()  # refused: no manifest
+    async with running(root, api_keys=f"ops:{KEY}") as (_, client):
+        write_model(root, "tiny", "3", seed=1)
+        response = await client.post("/admin/reload", headers=AUTH)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["loaded"] == ["tiny/3"] and body["removed"] == []
+        (refused,) = body["refused"]
+        assert refused == {
+            "model": "tiny",
+            "version": "9",
+            "path": "tiny/9",
+            "reason": f"tiny/9/{MANIFEST_NAME} is missing",
+        }
+        assert str(root) not in response.text
+        assert (await sample(client, "3")).status_code == 200
+
+
+async def test_admin_reload_is_documented(root: Path) -> None:
+    async with running(root) as (_, client):
+        spec = (await client.get("/openapi.json")).json()
+    operation = spec["paths"]["/admin/reload"]["post"]
+    assert operation["tags"] == ["admin"]
+    assert {"200", "401", "403"} <= operation["responses"].keys()
+    schema = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert schema["$ref"].endswith("/ReloadResponse")
+    assert set(spec["components"]["schemas"]["ReloadResponse"]["properties"]) == {
+        "loaded",
+        "removed",
+        "refused",
+    }
+    assert "refused" in spec["components"]["schemas"]["ModelList"]["properties"]
