@@ -185,13 +185,13 @@ def _inputs(value: object, binary: memoryview | None, signature: Signature) -> d
     if not isinstance(value, list):
         raise BadRequest(f"the inference request needs inputs, a list of tensors; got {json_type(value)}")
     specs = {spec.name: spec for spec in signature.inputs}
-    taken = ", ".join(specs) if specs else "no inputs"
     items: list[tuple[InputSpec, dict[str, Any]]] = []
     for index, item in enumerate(value):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise BadRequest(f"inputs[{index}] must be an object with a string name")
         spec = specs.get(item["name"])
         if spec is None:
+            taken = ", ".join(specs) if specs else "no inputs"
             raise BadRequest(f"unknown input {item['name']!r}; {signature.model} takes {taken}")
         if any(seen.name == spec.name for seen, _ in items):
             raise BadRequest(f"input {spec.name!r} is given twice")
@@ -273,19 +273,18 @@ def _tensor(
 def _shape(value: object, spec: InputSpec, signature: Signature) -> tuple[int, ...]:
     """The declared shape: [batch, *spec.shape] with 1 <= batch <= MAX_BATCH, checked before any data."""
     name = spec.name
-    expected = _shape_text(spec)
     if (
         not isinstance(value, list)
         or len(value) > MAX_RANK
         or not all(type(d) is int and 0 <= d <= MAX_DIM for d in value)
     ):
         raise BadRequest(
-            f"input {name!r}: shape must be a list of non-negative integers, expected {expected}"
+            f"input {name!r}: shape must be a list of non-negative integers, expected {_shape_text(spec)}"
         )
     shape = tuple(value)
     if len(shape) != len(spec.shape) + 1 or shape[1:] != spec.shape or shape[0] < 1:
         raise BadRequest(
-            f"input {name!r}: expected shape {expected} (-1: a batch of at least 1), got {list(shape)}"
+            f"input {name!r}: expected shape {_shape_text(spec)} (-1: a batch of at least 1), got {list(shape)}"
         )
     try:
         check_limit(shape[0], signature.max_batch, name, "MAX_BATCH", "the batch")
@@ -297,7 +296,9 @@ def _shape(value: object, spec: InputSpec, signature: Signature) -> tuple[int, .
 def _json_tensor(
     name: str, data: object, datatype: str, shape: tuple[int, ...], count: int
 ) -> npt.NDArray[Any]:
-    """JSON `data` (flat or nested, row-major) as an array of the datatype, shaped."""
+    """JSON `data` (flat or nested, row-major), shaped: integers and booleans in the datatype, after a range
+    check; numbers for a float datatype as parsed (float64 holds every JSON number), for the float32
+    validators to convert (they refuse what overflows)."""
     if not isinstance(data, list):
         raise BadRequest(f"input {name!r}: data must be a JSON array, got {json_type(data)}")
     try:
@@ -320,8 +321,7 @@ def _json_tensor(
         if low < info.min or high > info.max:
             bad = low if low < info.min else high
             raise BadRequest(f"input {name!r}: {bad} is out of {datatype}'s range [{info.min}, {info.max}]")
-    with np.errstate(over="ignore", invalid="ignore"):  # beyond float32's range: inf, refused by the checks
-        return values.astype(dtype).reshape(shape)
+    return (values if dtype.kind == "f" else values.astype(dtype)).reshape(shape)
 
 
 def _checked(spec: InputSpec, array: npt.NDArray[Any], signature: Signature) -> F32:
