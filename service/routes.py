@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
 from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from service import operations
 from service.dispatch import Operation, OperationRoute
@@ -329,6 +329,13 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
             )
     for path, endpoint, tag, summary, responses in INFO_ROUTES:
         router.add_api_route(path, endpoint, tags=[tag], summary=summary, responses=responses)
+    router.add_api_route(  # the one text route: documented as text/plain, not FastAPI's default JSON
+        "/metrics",
+        prometheus,
+        tags=["health"],
+        summary="Prometheus metrics (text exposition format).",
+        response_class=PlainTextResponse,
+    )
     for path, endpoint, tag, summary, responses in ADMIN_ROUTES:
         router.add_api_route(
             path, endpoint, methods=["POST"], tags=[tag], summary=summary, responses=responses
@@ -366,7 +373,6 @@ INFO_ROUTES: list[tuple[str, Callable[..., Awaitable[Response]], str, str, dict[
         "version), else 503; refused versions listed either way.",
         {200: {"model": Readiness}, 503: {"model": Readiness}},
     ),
-    ("/metrics", prometheus, "health", "Prometheus metrics (text format).", {}),
 ]
 """(path, handler, tag, summary, responses) of the GET routes FastAPI serves itself."""
 

@@ -145,7 +145,7 @@ class ModelInfo(BaseModel):
     version: str
     versions: list[str] = Field(description="Every loaded version, oldest first.")
     input_shape: list[int]
-    value_range: tuple[float, float]
+    value_range: list[float] = Field(min_length=2, max_length=2, description="[low, high] of input values.")
     latent_dim: int
     likelihood: str
     architecture: str
