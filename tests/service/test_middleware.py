@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.access import ApiKeys
 from service.app import ServiceApp, create_app
 from service.middleware import BodySizeLimit, ErrorBoundary, RequestMetrics
+from service.v2 import V2ErrorShape
 from tests.service.conftest import make_settings
 from tests.service.stack import built_stack, chain, find_dispatch, one_path_only
 
@@ -36,7 +37,8 @@ def test_both_paths_cross_the_same_middlewares_and_nothing_else(model_dir: Path)
     between the dispatch and the handler; on FastAPI's path: only FastAPI's own machinery, then its router."""
     app = create_app(make_settings(model_dir))
     stack = chain(built_stack(app))
-    assert [type(layer) for layer in stack[:-1]] == [ErrorBoundary, RequestMetrics, ApiKeys, BodySizeLimit]
+    expected = [ErrorBoundary, V2ErrorShape, RequestMetrics, ApiKeys, BodySizeLimit]
+    assert [type(layer) for layer in stack[:-1]] == expected
     assert one_path_only(find_dispatch(app)) == []
 
 

@@ -22,7 +22,7 @@ from tritonclient.http import InferResult
 
 from service.app import ServiceApp, create_app
 from service.v2 import OPERATIONS
-from tests.service.conftest import LATENT, NEWEST, VERSIONS, eps_for, image_batch, make_settings
+from tests.service.conftest import LATENT, NEWEST, VERSIONS, eps_for, image_batch, make_settings, write_model
 
 pytestmark = pytest.mark.anyio
 
@@ -128,19 +128,19 @@ async def test_live_and_ready_follow_healthz_and_readyz(model_dir: Path) -> None
         assert (await client.get("/v2/health/live")).status_code == 200
 
 
-async def test_readiness_follows_readyz_with_a_refused_version(tmp_path: Path) -> None:
-    from tests.service.conftest import write_model
-
-    write_model(tmp_path, "tiny", "1", seed=0)
+async def test_readiness_follows_readyz_and_dotted_names_split_at_the_last_dot(tmp_path: Path) -> None:
+    write_model(tmp_path, "mnist.v2", "1", seed=0)
     write_model(tmp_path, "broken", "1", seed=0, manifest_latent=LATENT + 1)  # refused: graphs disagree
     async with running(tmp_path) as (_, client):
         assert (await client.get("/readyz")).status_code == 503
         assert (await client.get("/v2/health/ready")).status_code == 503
-        assert (await client.get("/v2/models/tiny.sample/ready")).json() == {
-            "name": "tiny.sample",
-            "ready": True,
-        }
+        ready = await client.get("/v2/models/mnist.v2.sample/ready")
+        assert ready.json() == {"name": "mnist.v2.sample", "ready": True}
         assert (await client.get("/v2/models/broken.sample/ready")).status_code == 404
+        sampled = await client.post(
+            "/v2/models/mnist.v2.sample/infer", json={"inputs": [], "parameters": {"n": 1}}
+        )
+        assert sampled.json()["model_name"] == "mnist.v2.sample"
 
 
 @pytest.mark.parametrize("operation", list(METADATA))
