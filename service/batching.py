@@ -34,6 +34,10 @@ Bounds and failures, all surfaced as exceptions the service maps to HTTP answers
 
 A caller that goes away (its task is cancelled) gives back its queued rows at once; rows of it already in
 a run are counted until that run ends. Nobody else in the batch notices.
+
+One file of about 400 lines, on purpose: the queue accounting (`_queued_rows`, `_waiting_rows`), the
+collector, the slicing of requests across runs and the worker threads keep one set of invariants between
+them, which reads best in one place.
 """
 
 from __future__ import annotations
