@@ -365,7 +365,7 @@ def test_the_official_openapi_document_finds_no_5xx_and_no_nonconforming_respons
     statuses: list[int] = []
 
     @settings(
-        max_examples=150,
+        max_examples=100,
         derandomize=True,
         database=None,
         deadline=None,
