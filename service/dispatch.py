@@ -26,8 +26,8 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.catalog import ServedModel
 from service.errors import EXPECTED, error_response, render
-from service.registry import ServedModel
 
 Operation = Callable[[Request, ServedModel], Awaitable[Response]]
 """A model operation's handler: the request and the model version it addresses -> its response."""

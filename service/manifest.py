@@ -45,7 +45,7 @@ class FileEntry(_Strict):
         """Refuse names that leave the model directory, so nothing outside it is ever read or hashed.
 
         Lexical only: a symlink inside the directory can still point out of it, which the reader checks
-        against the resolved path (`service.registry`).
+        against the resolved path (`service.loading`).
         """
         parts = PurePosixPath(path).parts
         if path.startswith("/"):

@@ -19,12 +19,13 @@ from pydantic import BaseModel
 from starlette.responses import PlainTextResponse, Response
 
 from service import operations
+from service.catalog import ServedModel
 from service.dispatch import Operation, OperationRoute
 from service.errors import Forbidden, check_limit
 from service.media import ARRAY_TYPES, IMAGE_TYPES, negotiate
 from service.metrics import Metrics
 from service.openapi import ERRORS, request_doc, responses_doc
-from service.registry import Registry, ServedModel
+from service.registry import Registry
 from service.requests import Images, Latents, read_arrays, read_params
 from service.responses import encoding_response, image_response, json_response
 from service.schemas import (

@@ -48,6 +48,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import operations
+from service.catalog import Catalog, ServedModel
 from service.dispatch import Operation, OperationRoute, Resolve
 from service.errors import BadRequest, InvalidInput, NotFound, check_limit
 from service.manifest import Manifest
@@ -56,7 +57,7 @@ from service.metrics import Metrics, protocol_of
 from service.openapi import BINARY, INT, path_parameters
 from service.operations import F32
 from service.parse_pool import ParsePool
-from service.registry import Catalog, Registry, ServedModel
+from service.registry import Registry
 from service.responses import json_response, with_dtype
 from service.routes import readyz
 from service.schemas import DecodeParams, EncodeParams, ReconstructParams, RequestParams, SampleParams

@@ -17,8 +17,8 @@ from bench.standin import rewrite_checksums
 from service import manifest as manifest_module
 from service.app import create_app
 from service.batching import Batcher
+from service.catalog import ServedModel, version_key
 from service.manifest import DECODER_FILE, ENCODER_FILE, MANIFEST_NAME, read_manifest, sha256_file
-from service.registry import ServedModel, version_key
 from service.runtime import CPU, CUDA
 from tests.service.conftest import (
     LATENT,
@@ -72,7 +72,7 @@ EXPECTED_REFUSALS = {
 async def test_broken_models_are_refused_with_reasons_and_the_rest_serve(
     mixed_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="service.registry"):
+    with caplog.at_level(logging.ERROR, logger="service.loading"):
         async with serve(mixed_dir) as client:
             ready = await client.get("/readyz")
             assert ready.status_code == 503
@@ -132,7 +132,7 @@ def test_version_order() -> None:
 async def test_each_graphs_providers_are_logged_and_reported(
     model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="service.registry"):
+    with caplog.at_level(logging.INFO, logger="service.loading"):
         async with serve(model_dir):
             pass
     assert f"model tiny/{NEWEST} loaded from" in caplog.text

@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 
 from bench.standin import rewrite_checksums
+from service import loading as loading_module
 from service import manifest as manifest_module
-from service import registry as registry_module
 from service.app import ServiceApp, create_app
 from service.batching import Batcher, BatcherClosed
+from service.catalog import ServedModel
 from service.manifest import DECODER_FILE, MANIFEST_NAME, read_manifest
-from service.registry import Registry, ServedModel
+from service.registry import Registry
 from service.runtime import CPU
 from tests.service.conftest import LATENT, make_settings, write_model
 
@@ -252,8 +253,8 @@ async def test_a_reload_that_finds_nothing_changed_opens_no_model_file(
     async with running(root) as (app, _):
         registry = registry_of(app)
         monkeypatch.setattr(manifest_module, "sha256_file", lambda path: calls.append(f"hash {path}"))
-        monkeypatch.setattr(registry_module, "read_manifest", lambda path: calls.append(f"read {path}"))
-        monkeypatch.setattr(registry_module, "load_graphs", lambda *a, **k: calls.append("load"))
+        monkeypatch.setattr(loading_module, "read_manifest", lambda path: calls.append(f"read {path}"))
+        monkeypatch.setattr(loading_module, "load_graphs", lambda *a, **k: calls.append("load"))
         for _ in range(3):
             report = await registry.reload()
             assert (report.loaded, report.removed, report.refused) == ((), (), ())
@@ -268,7 +269,7 @@ async def test_touched_files_with_the_same_manifest_keep_their_sessions(
         registry = registry_of(app)
         served = registry.resolve("tiny", "2")
         loads: list[object] = []
-        monkeypatch.setattr(registry_module, "load_graphs", lambda *a, **k: loads.append(a))
+        monkeypatch.setattr(loading_module, "load_graphs", lambda *a, **k: loads.append(a))
         for path in (root / "tiny" / "2").iterdir():
             os.utime(path, ns=(1_000_000_000, 1_000_000_000))
         report = await registry.reload()
