@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         description="Rows waiting or running per graph before requests get 503 (bounds queueing to well "
         "under a second of work; 64 concurrent requests of 256 rows fit).",
     )
-    # ---- connections (service.server) ----
+    # ---- connections (service.protocol, service.server) ----
     max_connections: int = Field(
         1000, ge=1, description="Open connections per worker; past it new ones are closed at once (logged)."
     )

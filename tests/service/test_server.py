@@ -1,5 +1,6 @@
-"""service.server over real sockets: head limits, timeouts and the connection cap against an in-process server on
-a free loopback port; SIGTERM's drain, SIGHUP's reload and the open-file limit against `python -m service`."""
+"""service.server and service.protocol over real sockets: head limits, timeouts and the connection cap against
+an in-process server on a free loopback port; SIGTERM's drain, SIGHUP's reload and the open-file limit against
+`python -m service`."""
 
 from __future__ import annotations
 
@@ -203,7 +204,7 @@ async def test_connections_past_max_connections_are_refused_at_once_and_logged_o
     async with running(model_dir, max_connections=3, header_timeout=30) as (_, port):
         idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         await asyncio.sleep(0.2)  # all three accepted
-        with caplog.at_level(logging.WARNING, logger="service.server"):
+        with caplog.at_level(logging.WARNING, logger="service.protocol"):
             for _ in range(4):
                 raw, seconds = await send_and_read(port, request())
                 assert seconds < 1
