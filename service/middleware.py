@@ -32,6 +32,7 @@ from service.dispatch import CLIENT_CLOSED
 from service.errors import PayloadTooLarge, error_body, render
 from service.metrics import Metrics, protocol_of
 from service.settings import Settings
+from service.v2_errors import v2_response
 
 EXPOSED_HEADERS = ["X-Seed", "X-Grid-Cols", "X-Grid-Rows", "Retry-After", "WWW-Authenticate"]
 """Response headers a browser page on another origin may read."""
@@ -84,7 +85,10 @@ class ErrorBoundary:
             return  # the client left while sending its body: nobody to answer, nothing to log
         except Exception as exc:
             if not started:
-                await render(exc, scope["path"])(scope, receive, send)
+                response = render(exc, scope["path"])
+                if protocol_of(scope["path"]) == "v2":
+                    response = v2_response(response)
+                await response(scope, receive, send)
             raise
 
 

@@ -35,243 +35,42 @@ Errors: on every /v2 path, whatever answers (these handlers, the body limit's 41
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
-import numpy as np
-import numpy.typing as npt
-import orjson
 from fastapi import APIRouter, Depends, FastAPI, Path, Request
-from pydantic import BaseModel, Field
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import operations
 from service.catalog import Catalog, ServedModel
 from service.dispatch import Operation, OperationRoute, Resolve
-from service.errors import BadRequest, InvalidInput, NotFound, check_limit
-from service.manifest import Manifest
+from service.errors import BadRequest, InvalidInput, NotFound
 from service.media import JSON
-from service.metrics import Metrics, protocol_of
-from service.openapi import BINARY, INT, path_parameters
-from service.operations import F32
 from service.parse_pool import ParsePool
 from service.registry import Registry
-from service.responses import json_response, with_dtype
+from service.responses import json_response
 from service.routes import readyz
-from service.schemas import DecodeParams, EncodeParams, ReconstructParams, RequestParams, SampleParams
 from service.settings import Settings
-from service.v2_binary import HEADER_LENGTH, InputSpec, Signature, read_request, write_response
-
-SERVER_NAME = "vae-serving"
-EXTENSIONS = ("binary_tensor_data", "parameters")
-"""Triton's names for what is implemented beyond the core protocol (no shared memory, no repository API)."""
-PLATFORM = "onnxruntime_onnx"
-"""Triton's platform name for ONNX on onnxruntime: each operation runs the model's ONNX graphs there."""
-OCTET = "application/octet-stream"
-
-P = TypeVar("P", bound=RequestParams)
-
-# ---- the operation table ---------------------------------------------------------------------------------
-
-Dim = Literal["batch", "samples", "image", "latent"]
-"""A tensor axis: batch and samples vary (-1), image is the manifest's input_shape, latent its latent_dim."""
-IMAGES: tuple[Dim, ...] = ("batch", "image")
-LATENTS: tuple[Dim, ...] = ("batch", "latent")
-INPUT_KINDS: dict[tuple[Dim, ...], Literal["images", "latents"]] = {IMAGES: "images", LATENTS: "latents"}
-"""The inputs an operation may take, by their axes, and the v1 validator that checks each (`v2_binary`)."""
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """An input or output of a V2 model; its shape follows from the model's manifest."""
-
-    name: str
-    dims: tuple[Dim, ...]
-    description: str
-    datatypes: tuple[str, ...] = ("FP32",)  # inputs: every datatype taken; metadata shows the first
-
-    def shape(self, manifest: Manifest) -> list[int]:
-        sizes: dict[Dim, list[int]] = {
-            "batch": [-1],
-            "samples": [-1],
-            "image": list(manifest.input_shape),
-            "latent": [manifest.latent_dim],
-        }
-        return [size for dim in self.dims for size in sizes[dim]]
-
-    @property
-    def shape_text(self) -> str:
-        text: dict[Dim, str] = {
-            "batch": "-1",
-            "samples": "-1",
-            "image": "*input_shape",
-            "latent": "latent_dim",
-        }
-        return "[" + ", ".join(text[dim] for dim in self.dims) + "]"
-
-    def input_spec(self, manifest: Manifest) -> InputSpec:
-        return InputSpec(self.name, INPUT_KINDS[self.dims], tuple(self.shape(manifest)[1:]), self.datatypes)
-
-
-@dataclass(frozen=True)
-class Call(Generic[P]):
-    """One checked inference request: what an operation's `run` needs."""
-
-    served: ServedModel
-    params: P
-    tensors: Mapping[str, F32]
-    settings: Settings
-    metrics: Metrics
-    operation: str
-
-    def count_samples(self, rows: int) -> None:
-        self.metrics.count_samples(self.operation, self.served.manifest.name, rows)
-
-
-@dataclass(frozen=True)
-class Result:
-    outputs: dict[str, npt.NDArray[Any]]  # every output the operation has, by name
-    seed: int | None  # the seed eps was drawn from; None when none was drawn
-
-
-@dataclass(frozen=True)
-class V2Operation(Generic[P]):
-    """One operation as a V2 model: its tensors, its parameters (v1's model) and the function that runs it."""
-
-    name: str
-    summary: str
-    params: type[P]
-    inputs: tuple[Tensor, ...]
-    outputs: tuple[Tensor, ...]
-    run: Callable[[Call[P]], Awaitable[Result]]
-    example: dict[str, Any]  # a JSON request for /docs (the fashion-mnist-mlp sizes)
-
-    def __post_init__(self) -> None:
-        for tensor in self.inputs:
-            if tensor.dims not in INPUT_KINDS:
-                raise ValueError(
-                    f"{self.name}: input {tensor.name} {tensor.shape_text} is not one a validator reads"
-                )
-
-    def signature(self, model: str, manifest: Manifest, max_batch: int) -> Signature:
-        return Signature(
-            model=model,
-            inputs=tuple(tensor.input_spec(manifest) for tensor in self.inputs),
-            outputs=tuple(tensor.name for tensor in self.outputs),
-            params=self.params,
-            value_range=manifest.value_range,
-            max_batch=max_batch,
-        )
-
-
-def _seed(requested: int | None) -> int:
-    return operations.draw_seed() if requested is None else requested
-
-
-async def _encode(call: Call[EncodeParams]) -> Result:
-    x, samples = call.tensors["images"], call.params.samples
-    rows = x.shape[0] * samples
-    check_limit(rows, call.settings.max_samples, "samples", "MAX_SAMPLES", "images x samples")
-    seed = _seed(call.params.seed)
-    encoding = await operations.encode(call.served, x, samples, operations.make_rng(seed))
-    call.count_samples(rows)
-    # samples 0 draws no z: an empty [batch, 0, L] keeps the output's shape the metadata announces.
-    z = encoding.z if encoding.z is not None else np.empty((len(x), 0, call.served.latent_dim), np.float32)
-    return Result({"mu": encoding.mu, "logvar": encoding.logvar, "sigma": encoding.sigma, "z": z}, seed)
-
-
-async def _sample(call: Call[SampleParams]) -> Result:
-    params = call.params
-    check_limit(params.n, call.settings.max_samples, "n", "MAX_SAMPLES", "n")
-    seed = _seed(params.seed)
-    result = await operations.sample(call.served, params.n, params.temperature, operations.make_rng(seed))
-    call.count_samples(params.n)
-    return Result({"samples": with_dtype(result.images, params.dtype), "z": result.z}, seed)
-
-
-async def _reconstruct(call: Call[ReconstructParams]) -> Result:
-    x, params = call.tensors["images"], call.params
-    seed: int | None = None
-    rng: np.random.Generator | None = None
-    if params.mode == "sample":  # mode mean draws no eps: no seed to draw or return
-        seed = _seed(params.seed)
-        rng = operations.make_rng(seed)
-        call.count_samples(len(x))
-    result = await operations.reconstruct(call.served, x, params.mode, rng)
-    images = with_dtype(result.images, params.dtype)
-    return Result({"reconstructions": images, "z": result.z, "error": result.error}, seed)
-
-
-async def _decode(call: Call[DecodeParams]) -> Result:
-    images = await operations.decode(call.served, call.tensors["z"])
-    return Result({"samples": with_dtype(images, call.params.dtype)}, None)
-
-
-IMAGE_IN = Tensor(
-    "images",
-    IMAGES,
-    "Images: FP32 values in the model's value_range ([0, 1]), or UINT8 pixels 0-255 (divided by 255).",
-    ("FP32", "UINT8"),
+from service.v2_binary import HEADER_LENGTH, read_request, write_response
+from service.v2_errors import V2ErrorShape
+from service.v2_openapi import (
+    ERRORS,
+    V2Live,
+    V2ModelMetadata,
+    V2ModelReady,
+    V2Ready,
+    V2ServerMetadata,
+    infer_doc,
 )
-IMAGE_OUT = "Images; UINT8 0-255 with parameter dtype uint8."
-EXAMPLE_IMAGES = {"name": "images", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}
-
-OPERATIONS: dict[str, V2Operation[Any]] = {
-    op.name: op
-    for op in (
-        V2Operation(
-            "encode",
-            "Posterior of each image: mu, logvar, sigma, and z = mu + sigma * eps (samples per image).",
-            EncodeParams,
-            (IMAGE_IN,),
-            (
-                Tensor("mu", LATENTS, "Posterior means."),
-                Tensor("logvar", LATENTS, "Posterior log-variances."),
-                Tensor("sigma", LATENTS, "exp(logvar / 2)."),
-                Tensor(
-                    "z", ("batch", "samples", "latent"), "mu + sigma * eps; [batch, 0, L] when samples is 0."
-                ),
-            ),
-            _encode,
-            {"inputs": [EXAMPLE_IMAGES], "parameters": {"samples": 2, "seed": 1234}},
-        ),
-        V2Operation(
-            "sample",
-            "Generate images: decode z = temperature * eps, eps ~ N(0, I) drawn on the server.",
-            SampleParams,
-            (),
-            (Tensor("samples", IMAGES, IMAGE_OUT), Tensor("z", LATENTS, "temperature * eps.")),
-            _sample,
-            {"inputs": [], "parameters": {"n": 4, "seed": 1234}},
-        ),
-        V2Operation(
-            "reconstruct",
-            "Encode and decode each image; mode mean decodes mu, mode sample decodes mu + sigma * eps.",
-            ReconstructParams,
-            (IMAGE_IN,),
-            (
-                Tensor("reconstructions", IMAGES, IMAGE_OUT),
-                Tensor("z", LATENTS, "The latents decoded: mu, or mu + sigma * eps."),
-                Tensor("error", ("batch",), "Mean squared error per image."),
-            ),
-            _reconstruct,
-            {"inputs": [EXAMPLE_IMAGES], "parameters": {"mode": "sample", "seed": 7}},
-        ),
-        V2Operation(
-            "decode",
-            "Decode latent vectors into images.",
-            DecodeParams,
-            (Tensor("z", LATENTS, "Latent vectors, finite, within [-1000, 1000]."),),
-            (Tensor("samples", IMAGES, IMAGE_OUT),),
-            _decode,
-            {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 32], "data": [0.0] * 32}]},
-        ),
-    )
-}
-"""Operation name -> its V2 model: the whole map, read by the routes, the metadata and /docs."""
-
+from service.v2_operations import (
+    EXTENSIONS,
+    OCTET,
+    OPERATIONS,
+    PLATFORM,
+    SERVER_NAME,
+    Call,
+    Tensor,
+    V2Operation,
+)
 
 # ---- finding the model a path names -------------------------------------------------------------------
 
@@ -452,234 +251,6 @@ async def ready_unknown(request: Request) -> Response:
     return _ready(request, request.path_params["model"], request.path_params.get("version"))
 
 
-# ---- the protocol's error shape ------------------------------------------------------------------------
-
-
-def v2_error_body(body: bytes) -> bytes:
-    """The service's error body {"error": {"status", "field", "message"}} as the protocol's
-    {"error": message}; any other body unchanged."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return orjson.dumps({"error": error["message"]})
-    return body
-
-
-class V2ErrorShape:
-    """On /v2 paths, every error response goes out in the protocol's shape, `{"error": "message"}`.
-
-    The service renders every error once, in its own shape (`service.errors`), wherever it arises: in the V2
-    handlers, in the body limit and API key middlewares below this one, in FastAPI's routing. Added last, this
-    middleware sits above them all and rewrites those bodies on V2 paths only; successful responses and
-    every other path pass through untouched.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or protocol_of(scope["path"]) != "v2":
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        chunks: list[bytes] = []
-
-        async def reshaping_send(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                start = message
-                return
-            if start is None or message["type"] != "http.response.body":
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            body = v2_error_body(b"".join(chunks))
-            headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-            headers.append((b"content-length", str(len(body)).encode()))
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-        await self.app(scope, receive, reshaping_send)
-
-
-# ---- documentation -------------------------------------------------------------------------------------
-
-
-class V2Error(BaseModel):
-    error: str = Field(description="What was wrong, naming the input, output or parameter.")
-
-
-class V2Tensor(BaseModel):
-    name: str
-    datatype: str = Field(examples=["FP32"])
-    shape: list[int] = Field(description="-1 for a variable axis (the batch).", examples=[[-1, 1, 28, 28]])
-
-
-class V2ServerMetadata(BaseModel):
-    name: str
-    version: str
-    extensions: list[str] = Field(examples=[list(EXTENSIONS)])
-
-
-class V2ModelMetadata(BaseModel):
-    name: str = Field(examples=["fashion-mnist-mlp.encode"])
-    versions: list[str] = Field(description="Every loaded version, oldest first.")
-    platform: str = Field(examples=[PLATFORM])
-    inputs: list[V2Tensor]
-    outputs: list[V2Tensor]
-
-
-class V2ModelReady(BaseModel):
-    name: str
-    ready: bool
-
-
-class V2Live(BaseModel):
-    live: bool
-
-
-class V2Ready(BaseModel):
-    ready: bool
-
-
-Parameters = dict[str, str | int | float | bool]
-
-
-class V2RequestInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: Parameters | None = Field(None, description="binary_data_size: the data follow the JSON.")
-    data: list[Any] | None = Field(None, description="Row-major values, flat or nested.")
-
-
-class V2RequestOutput(BaseModel):
-    name: str
-    parameters: Parameters | None = Field(None, description="binary_data: true sends it after the JSON.")
-
-
-class V2InferenceRequest(BaseModel):
-    id: str | None = Field(None, description="Echoed in the response.")
-    parameters: Parameters | None = None
-    inputs: list[V2RequestInput]
-    outputs: list[V2RequestOutput] | None = Field(None, description="Omitted: every output.")
-
-
-class V2ResponseOutput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    parameters: Parameters | None = Field(None, description="binary_data_size when the data follow the JSON.")
-    data: list[Any] | None = Field(None, description="Row-major values, flat.")
-
-
-class V2InferenceResponse(BaseModel):
-    model_name: str
-    model_version: str
-    id: str | None = None
-    parameters: Parameters | None = Field(None, description="seed: the seed eps was drawn from.")
-    outputs: list[V2ResponseOutput]
-
-
-def _inline(schema: dict[str, Any]) -> dict[str, Any]:
-    """A pydantic JSON schema with its `$defs` substituted in place (an OpenAPI body cannot refer to them)."""
-    defs: dict[str, Any] = schema.pop("$defs", {})
-
-    def resolve(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                return resolve(defs[ref.removeprefix("#/$defs/")])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(value) for value in node]
-        return node
-
-    resolved: dict[str, Any] = resolve(schema)
-    return resolved
-
-
-def _tensor_rows(tensors: tuple[Tensor, ...]) -> str:
-    return "".join(
-        f"| `{t.name}` | {' or '.join(t.datatypes)} | `{t.shape_text}` | {t.description} |\n" for t in tensors
-    )
-
-
-def _description(operation: V2Operation[Any], settings: Settings) -> str:
-    """The operation's tensors, parameters and this server's limits, as Markdown for /docs."""
-    params = operation.params.model_json_schema()["properties"]
-    lines = "".join(f"| `{name}` | {spec.get('description', '')} |\n" for name, spec in params.items())
-    table = "| tensor | datatype | shape | meaning |\n|---|---|---|---|\n"
-    inputs = _tensor_rows(operation.inputs) or "| (none) | | | |\n"
-    return (
-        f"V2 model `NAME.{operation.name}`. {operation.summary}\n\n"
-        f"**Inputs** (a batch of at most MAX_BATCH = {settings.max_batch})\n\n{table}{inputs}\n"
-        "**Outputs** (every one, unless `outputs` names some; in binary with `binary_data`)\n\n"
-        f"{table}{_tensor_rows(operation.outputs)}\n"
-        "**Parameters** (the request's `parameters`, and `binary_data_output`; eps rows at most "
-        f"MAX_SAMPLES = {settings.max_samples})\n\n| name | meaning |\n|---|---|\n{lines}"
-    )
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": V2Error, "description": text}
-    for status, text in {
-        400: "Malformed header, JSON, shape, datatype, size, value or parameter.",
-        404: "Unknown model or version.",
-        413: "Body over MAX_BODY_BYTES.",
-        503: "Queue full or shutting down; retry after Retry-After seconds.",
-    }.items()
-}
-ERRORS[503]["headers"] = {"Retry-After": {"description": "Seconds to wait before retrying.", "schema": INT}}
-HEADER_DOC = {
-    "name": "Inference-Header-Content-Length",
-    "in": "header",
-    "required": False,
-    "schema": INT,
-    "description": "With binary tensor data: the length of the JSON part of the body.",
-}
-
-
-def _infer_doc(operation: V2Operation[Any], path: str, settings: Settings) -> dict[str, Any]:
-    request = _inline(V2InferenceRequest.model_json_schema())
-    params = _inline(operation.params.model_json_schema())
-    params["properties"]["binary_data_output"] = {"type": "boolean", "description": "Every output in binary."}
-    request["properties"]["parameters"] = params
-    return {
-        "summary": f"NAME.{operation.name}: {operation.summary}",
-        "description": _description(operation, settings),
-        "openapi_extra": {
-            "parameters": [*path_parameters(path), HEADER_DOC],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    JSON: {"schema": request, "example": operation.example},
-                    OCTET: {
-                        **BINARY,
-                        "description": "The JSON request, then the binary tensor data; "
-                        "Inference-Header-Content-Length gives the JSON's length.",
-                    },
-                },
-            },
-        },
-        "responses": {
-            200: {
-                "model": V2InferenceResponse,
-                "description": "JSON, or (binary outputs) JSON then the binary tensor data, the JSON's "
-                "length in Inference-Header-Content-Length.",
-                "content": {OCTET: BINARY},
-                "headers": {"Inference-Header-Content-Length": {"schema": INT}},
-            },
-            **ERRORS,
-        },
-    }
-
-
 # ---- the route table -----------------------------------------------------------------------------------
 
 TAGS: list[Any] = ["V2 (Open Inference Protocol)"]
@@ -764,7 +335,7 @@ def add_v2_routes(app: FastAPI, settings: Settings) -> None:
                     name=operation.name,
                     operation_id=f"v2_{operation.name}_infer{suffix}",
                     tags=TAGS,
-                    **_infer_doc(operation, path, settings),
+                    **infer_doc(operation, path, settings),
                 )
             )
     for path, endpoint, name, summary, responses in GET_ROUTES:

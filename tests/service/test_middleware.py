@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.access import ApiKeys
 from service.app import ServiceApp, create_app
 from service.middleware import BodySizeLimit, ErrorBoundary, RequestMetrics
-from service.v2 import V2ErrorShape
+from service.v2_errors import V2ErrorShape
 from tests.service.conftest import make_settings
 from tests.service.stack import built_stack, chain, find_dispatch, one_path_only
 
@@ -96,3 +96,6 @@ async def test_a_bug_in_a_middleware_is_a_500_in_the_error_shape(model_dir: Path
         for response in (await client.get("/healthz"), await client.post("/v1/models/tiny/sample", json={})):
             assert response.status_code == 500
             assert response.json()["error"]["message"] == "internal error; the server log has the details"
+        v2 = await client.post("/v2/models/tiny.sample/infer", json={"inputs": []})
+        assert v2.status_code == 500
+        assert v2.json() == {"error": "internal error; the server log has the details"}  # the V2 shape

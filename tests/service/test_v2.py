@@ -21,7 +21,7 @@ import pytest
 from tritonclient.http import InferResult
 
 from service.app import ServiceApp, create_app
-from service.v2 import OPERATIONS
+from service.v2_operations import OPERATIONS
 from tests.service.conftest import LATENT, NEWEST, VERSIONS, eps_for, image_batch, make_settings, write_model
 
 pytestmark = pytest.mark.anyio

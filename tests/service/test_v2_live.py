@@ -38,7 +38,7 @@ from schemathesis.specs.openapi.checks import (
 from tritonclient.utils import InferenceServerException
 
 from bench.standin import write_model
-from service.v2 import OPERATIONS
+from service.v2_operations import OPERATIONS
 from tests.service.conftest import eps_for, image_batch
 
 ROOT = Path(__file__).resolve().parents[2]
