@@ -51,8 +51,9 @@ def complete(document: dict[str, Any], *, keys: bool, open_paths: Callable[[str]
     never sends: the server-level errors on every operation; with API keys, the security schemes, a 401 on
     every guarded operation and no security on the open ones; FastAPI's 422 `HTTPValidationError` on routes
     whose parameters are plain strings (it is never sent: errors have the service's shape)."""
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
     for path, operations in document["paths"].items():
+        shape = "V2Error" if path.startswith("/v2") else "ErrorResponse"  # the protocol's {"error": "..."}
+        error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}}
         for operation in operations.values():
             responses = operation["responses"]
             if _is_fastapi_validation(responses.get("422")):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
+import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -104,9 +105,12 @@ class _Refused(Exception):
     """Raised inside a parser callback to stop parsing a request that breaks a limit."""
 
 
-def error_message(status: int, message: str, headers: list[tuple[bytes, bytes]]) -> bytes:
-    """A whole HTTP/1.1 response in the service's error shape, closing the connection."""
-    body = error_body(status, message)
+def error_message(
+    status: int, message: str, headers: list[tuple[bytes, bytes]], *, v2: bool = False
+) -> bytes:
+    """A whole HTTP/1.1 response in the service's error shape (the V2 protocol's for a /v2 target), closing
+    the connection."""
+    body = orjson.dumps({"error": message}) if v2 else error_body(status, message)
     lines = [STATUS_LINE[status]]
     lines += [name + b": " + value + b"\r\n" for name, value in headers]
     lines += [
@@ -276,7 +280,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _error(self, status: int, message: str, *headers: tuple[bytes, bytes]) -> bytes:
-        return error_message(status, message, [*self.server_state.default_headers, *headers])
+        v2 = getattr(self, "url", b"").startswith(b"/v2")  # the target as far as it was read
+        return error_message(status, message, [*self.server_state.default_headers, *headers], v2=v2)
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
         self._disarm()

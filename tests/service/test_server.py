@@ -122,6 +122,15 @@ async def test_a_head_past_a_limit_is_answered_in_the_error_shape_and_closed(
         await healthy(port)
 
 
+async def test_a_v2_target_gets_the_protocols_error_shape(model_dir: Path) -> None:
+    async with running(model_dir) as (_, port):
+        raw, _ = await send_and_read(port, request("/v2/health/ready?" + "q" * 9000))
+        answer = Answer(raw)
+        assert answer.status == 414
+        body = orjson.loads(answer.body)
+        assert list(body) == ["error"] and "MAX_URL_BYTES" in body["error"]
+
+
 @pytest.mark.parametrize(
     "data",
     [
