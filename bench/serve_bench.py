@@ -1,13 +1,13 @@
 """Serving benchmark (issue 5): the service under wrk beside its peers, its ceiling and its floor, in one run.
 
-    .venv/bin/python -m bench.serve_bench                     # full run, about 17 minutes
+    .venv/bin/python -m bench.serve_bench                     # full run, about 25 minutes
     .venv/bin/python -m bench.serve_bench --duration 3 --concurrency 1,64   # a quick look
 
 Run from the repository root. It measures, on one server core and (by default) one onnxruntime thread:
 
 - ceiling   the same ONNX graphs in-process (`InferenceSession.run` in a loop, the service's session
             options and --intra-op-threads/--inter-op-threads): decoder at batch 1 and 256, encoder at
-            batch 64;
+            batch 64 and 256;
 - service   `python -m service` with batching on (the default BATCH_WINDOW_MS, or --window-ms);
 - service, batching off   the same with BATCH_WINDOW_MS=0;
 - naive     `bench/peer_naive.py`: FastAPI returning a dict, one `session.run` per request;
@@ -16,19 +16,24 @@ Run from the repository root. It measures, on one server core and (by default) o
 Each server runs alone, pinned with `taskset` to --server-cpu, with uvicorn's access log off and glibc's
 MALLOC_MMAP_THRESHOLD_ as --mmap-threshold says; wrk (one thread) is pinned to --client-cpu and sweeps the
 connection counts for each request: `sample` n=1, `sample` n=256 as JSON (float32, and `"dtype": "uint8"`)
-and as .npy (`Accept: application/x-npy`), and `encode` of 64 Fashion-MNIST test images as JSON. Per point it reports
+and as .npy (`Accept: application/x-npy`), and `encode` of 64 Fashion-MNIST test images as JSON; then,
+on the service with batching on, `encode` of 256 test images as a uint8 .npy both ways, and the same work
+through the Open Inference Protocol (V2, `POST /v2/models/NAME.OPERATION/infer`): `sample` n=1 as JSON,
+`sample` n=256 and `encode` of the 256 images (UINT8) with binary tensor data both ways (Triton's
+extension: the JSON, then the raw tensors, the JSON's length in Inference-Header-Content-Length); the
+report prints these beside their v1 counterparts. Per point it reports
 requests/s, samples/s, p50, p99 (marked † where wrk's end-of-run cut makes them understate), errors
 (socket errors, timeouts and HTTP statuses >= 400), the server's CPU use (/proc/PID/stat, all its
 processes) and, for the service, the mean number of requests merged per onnxruntime run (the change in
 `/metrics`' vae_batch_requests histogram over the point). RSS is read after warm-up and after the sweep.
 
 Then the goals that are ratios of two rates (service / naive peer, service / no-op floor, batching on / off,
-service / in-process decoder) are measured side by side: the servers up at once on the server core, the
-two contenders taking turns (ABBA) for --rounds rounds of --round-seconds each, the ratio being the median
-of the rounds' ratios. This machine's speed drifts by 10-20% over minutes, so a ratio of two sweep points
-taken minutes apart would mostly measure the drift. The markdown report (sweep table, side-by-side table,
-memory) is printed and written to --out, followed by every goal of issue 5 on one line: PASS, FAIL, INFO
-(measured, no goal) or SKIP with the reason it was not measured.
+service / in-process graph, V2 / v1) are measured side by side: the servers up at once on the server core,
+the two contenders taking turns (ABBA) for --rounds rounds of --round-seconds each, the ratio being the
+median of the rounds' ratios. This machine's speed drifts by 10-20% over minutes, so a ratio of two sweep
+points taken minutes apart would mostly measure the drift. The markdown report (sweep table, V2 beside v1,
+side-by-side table, memory) is printed and written to --out, followed by every goal (issue 5's, V2's) on
+one line: PASS, FAIL, INFO (measured, no goal) or SKIP with the reason it was not measured.
 
 Exit status: 1 when a phase hit an error (a server's sweep, or the side-by-side phase), else 0; a goal
 that FAILs is a result, not an error.
@@ -234,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(tmp)
         model_root, version_dir, manifest, model_note = load_model(args, scratch)
         print(f"model: {model_note}", flush=True)
-        all_scenarios = scenarios(math.prod(manifest.input_shape))
+        all_scenarios = scenarios(math.prod(manifest.input_shape), tuple(manifest.input_shape))
         wanted = {
             key: [all_scenarios[k] for k in SERVERS[key].scenarios if k in args.requests or k == "noop"]
             for key in args.servers

@@ -1,12 +1,12 @@
 """Load generation and server bookkeeping for `serve_bench`: wrk runs, server processes, /proc readings.
 
-wrk (Debian's `wrk` package) sends the POST bodies from a small Lua script written to a temp file; the
-script's `done` hook prints the totals and latency percentiles on one line, which is parsed here.
+wrk (Debian's `wrk` package) sends the POST bodies, with each request's own headers, from a small Lua script
+written to a temp file (`wrk_script`); the path is the URL's. The script's `done` hook prints the totals and
+latency percentiles on one line, which is parsed here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -30,8 +30,7 @@ local f = assert(io.open({body_path}, "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
-wrk.headers["Content-Type"] = "application/json"
-{accept}
+{headers}
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("WRK_RESULT %d %d %d %d %d %d %d %.1f %.1f\\n",
@@ -39,6 +38,27 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(99)))
 end
 """
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+
+
+def lua_string(text: str) -> str:
+    """`text` as a Lua string literal (printable ASCII only: header names and values, the temp path)."""
+    if not _PRINTABLE.fullmatch(text):
+        raise ValueError(f"not printable ASCII: {text!r}")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def wrk_script(body_path: str, headers: Mapping[str, str]) -> str:
+    """The Lua script that POSTs the file at `body_path` with `headers`, and prints the WRK_RESULT line."""
+    lines = []
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"not a header name: {name!r}")
+        lines.append(f"wrk.headers[{lua_string(name)}] = {lua_string(value)}")
+    return _LUA.format(body_path=lua_string(body_path), headers="\n".join(lines))
 
 
 @dataclass(frozen=True)
@@ -73,19 +93,21 @@ def run_wrk(
     url: str,
     body: bytes,
     *,
-    accept: str | None,
+    accept: str | None = None,
+    headers: Mapping[str, str] | None = None,
     connections: int,
     seconds: float,
     cpu: int | None,
     timeout_s: float,
 ) -> Load:
-    """POST `body` to `url` over `connections` keep-alive connections for `seconds` (one wrk thread)."""
+    """POST `body` to `url` over `connections` keep-alive connections for `seconds` (one wrk thread), with
+    `headers` (default: JSON's Content-Type) and `accept` as its Accept header, if given."""
+    sent = dict(headers or {"Content-Type": "application/json"}) | ({"Accept": accept} if accept else {})
     with tempfile.TemporaryDirectory(prefix="serve_bench_") as tmp:
         body_path = Path(tmp) / "body"
         body_path.write_bytes(body)
         script = Path(tmp) / "post.lua"
-        accept_line = f'wrk.headers["Accept"] = "{accept}"' if accept else ""
-        script.write_text(_LUA.format(body_path=json.dumps(str(body_path)), accept=accept_line))
+        script.write_text(wrk_script(str(body_path), sent))
         command = [
             "wrk",
             "-t1",
@@ -133,10 +155,17 @@ def free_port() -> int:
 
 def http(method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None) -> bytes:
     """One request with the standard library; raises on a status >= 400."""
+    return exchange(method, url, body, headers)[2]
+
+
+def exchange(
+    method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request: (status, response headers with lower-case names, body); raises on a status >= 400."""
     request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
     with urllib.request.urlopen(request, timeout=60) as response:
         data: bytes = response.read()
-        return data
+        return response.status, {k.lower(): v for k, v in response.headers.items()}, data
 
 
 class Server:

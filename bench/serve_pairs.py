@@ -13,11 +13,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.serve_load import Paired, Rate, Server, alternate, free_port, wait_idle
-from bench.serve_scenarios import REQUESTS, SERVERS, Ceiling, Scenario
+from bench.serve_scenarios import REQUESTS, SERVERS, V1_REQUESTS, Ceiling, Scenario
 from bench.serve_sweep import ServerRun, brief, launch, wrk_for
 
 CEILING = "ceiling"
 """A `Side.server` that is no server: the in-process ceiling."""
+CEILING_GOALS: tuple[tuple[str, float | None], ...] = (
+    ("sample256-json", 0.35),
+    ("sample256-u8", None),
+    ("sample256-npy", 0.70),
+    ("encode256-npy", None),
+    ("v2-sample256-bin", 0.70),
+    ("v2-encode256-bin", 0.70),
+)
+"""(request, the least share of the in-process ceiling it should reach; None: measured, no goal)."""
+V2_JSON_CONNECTIONS = (64, 1)
+V2_JSON_GOAL = 0.85
+"""V2 JSON sample n=1 within 15% of v1's requests/s, at each of V2_JSON_CONNECTIONS."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +75,9 @@ def unmeasured(args: argparse.Namespace, server: str, request: str) -> str | Non
 def comparisons(
     args: argparse.Namespace, runs: dict[str, ServerRun], all_scenarios: dict[str, Scenario]
 ) -> list[PairGoal]:
-    """Issue 5's ratio goals in the order they are measured, with `missing` set on those that this run's
-    --servers, --requests or sweep leave out."""
+    """The ratio goals (issue 5's, then V2's: its binary requests against the ceiling, its JSON n=1 against
+    v1) in the order they are measured, with `missing` set on those that this run's --servers, --requests or
+    sweep leave out."""
     planned: list[PairGoal] = []
 
     def add(text: str, goal: float | None, a: Side, b: Side, missing: str | None = None) -> None:
@@ -74,29 +87,38 @@ def comparisons(
     on_64 = Side("service", "sample1", 64)
     add("sample n=1, c=64: batching on / naive peer (req/s)", 3.0, on_64, Side("naive", "sample1", 64))
     add("sample n=1, c=64: batching on / no-op floor (req/s)", 0.75, on_64, Side("noop", "noop", 64))
-    for key in REQUESTS:
+    for key in V1_REQUESTS:
         add(
             f"{all_scenarios[key].label}, c=1: batching on / off (req/s)",
             0.95,
             Side("service", key, 1),
             Side("service-nobatch", key, 1),
         )
-    # uint8 JSON has no goal of its own: it shows what the compact form does against the JSON one
+    # uint8 JSON has no goal of its own: it shows what the compact form does against the JSON one; nor has
+    # encode256-npy: it is the v1 figure beside V2's binary encode
     service = runs.get("service")
-    for key, goal in (("sample256-json", 0.35), ("sample256-u8", None), ("sample256-npy", 0.70)):
+    for key, goal in CEILING_GOALS:
         scenario = all_scenarios[key]
         points = [p for p in service.points if p.scenario.key == key] if service else []
         best = max(points, key=lambda p: p.samples_per_s).connections if points else 0
         where = f"c={best} (the sweep's best)" if best else "the sweep's best c"
+        unit = "images/s" if scenario.endpoint == "encode" else "samples/s"
         add(
             f"{scenario.label}, {where}: service / in-process {scenario.graph} at batch {scenario.batch} "
-            "(samples/s)",
+            f"({unit})",
             goal,
             Side("service", key, best, samples=True),
             Side(CEILING, key, samples=True),
             None
             if points
             else "no sweep point" + (f": {service.error}" if service and service.error else ""),
+        )
+    for connections in V2_JSON_CONNECTIONS:
+        add(
+            f"sample n=1, c={connections}: V2 JSON / v1 (req/s)",
+            V2_JSON_GOAL,
+            Side("service", "v2-sample1-json", connections),
+            Side("service", "sample1", connections),
         )
     return planned
 
@@ -137,7 +159,7 @@ class Contenders:
         scenario = self.all_scenarios[side.request]
         if side.server == CEILING:
             return lambda seconds: self.ceilings.rate(scenario.graph, scenario.batch, seconds)
-        url = f"{self.bases[side.server]}/v1/models/{self.model}/{scenario.endpoint}"
+        url = self.bases[side.server] + scenario.path(self.model)
 
         def measure(seconds: float) -> float:
             measured = wrk_for(url, scenario, side.connections, seconds, self.args)

@@ -1,4 +1,5 @@
-"""The serving benchmark's markdown report: the run's setup, its tables, and every goal of issue 5 on a line.
+"""The serving benchmark's markdown report: the run's setup, its tables, and every goal (issue 5's and V2's)
+on a line.
 
 Each goal reads PASS, FAIL, INFO (measured, no goal) or SKIP with the reason it was not measured, so a
 partial run (fewer servers, requests or connection counts) still lists them all.
@@ -15,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.serve_pairs import PairGoal, unmeasured
-from bench.serve_scenarios import SERVERS
-from bench.serve_sweep import BATCH_REQUESTS, ServerRun
+from bench.serve_scenarios import SERVERS, V2_PAIRS
+from bench.serve_sweep import BATCH_REQUESTS, Point, ServerRun
 
 TRUNCATED = (
     "† wrk drops the requests still in flight when a point ends, without counting them, so where latency "
@@ -47,6 +48,23 @@ LOAD_NOTE = (
     "service's /metrics."
 )
 MERGED = "sample n=1, c=64, batching on: requests merged per run (goal >= 4)"
+V2_COLUMNS = [
+    "v1 request",
+    "V2 request",
+    "conc",
+    "v1 req/s",
+    "V2 req/s",
+    "V2 / v1",
+    "v1 p50 / p99 ms",
+    "V2 p50 / p99 ms",
+    "v1 / V2 share of ceiling",
+]
+V2_NOTE = (
+    "The service's sweep points for each V2 request beside the v1 request doing the same work, at each "
+    "connection count (batching on). These points were taken minutes apart, so the machine's drift is in "
+    "their ratios; the V2 goals are measured side by side (below). Share of ceiling: samples/s (images/s "
+    "for encode) over the in-process graph at the request's batch, for the 256-row requests."
+)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -78,8 +96,8 @@ def no_point(
 
 
 def goals(args: argparse.Namespace, runs: dict[str, ServerRun], pairs: list[PairGoal]) -> list[str]:
-    """Every goal of issue 5 on one line: PASS or FAIL, INFO (measured, no goal), or SKIP and why it was not
-    measured. The ratios of two rates come from the side-by-side rounds, the rest from the sweep."""
+    """Every goal (issue 5's and V2's) on one line: PASS or FAIL, INFO (measured, no goal), or SKIP and why it
+    was not measured. The ratios of two rates come from the side-by-side rounds, the rest from the sweep."""
     return [*pair_goals(pairs), *latency_goals(args, runs), *sweep_goals(runs)]
 
 
@@ -204,6 +222,46 @@ def sweep_table(runs: dict[str, ServerRun]) -> list[str]:
     return table
 
 
+def _latency(p: Point) -> str:
+    if not p.load.responses:
+        return "-"
+    return f"{p.load.p50_ms:.2f} / {p.load.p99_ms:.2f}{'†' if p.truncated else ''}"
+
+
+def _share(p: Point, ceiling: dict[tuple[str, int], float]) -> str:
+    rate = ceiling.get((p.scenario.graph, p.scenario.batch))
+    return f"{p.samples_per_s / rate:.0%}" if rate and p.scenario.batch > 1 else "-"
+
+
+def v2_table(runs: dict[str, ServerRun], ceiling: dict[tuple[str, int], float]) -> list[str]:
+    """The service's V2 sweep points beside the v1 ones doing the same work (`V2_PAIRS`), connection count by
+    connection count; nothing when the sweep has no such pair."""
+    run = runs.get("service")
+    rows = []
+    for v1_key, v2_key in V2_PAIRS:
+        for v1 in (p for p in run.points if p.scenario.key == v1_key) if run else ():
+            v2 = run.point(v2_key, v1.connections) if run else None
+            if v2 is None:
+                continue
+            ratio = f"{v2.load.rps / v1.load.rps:.0%}" if v1.load.rps else "-"
+            rows.append(
+                [
+                    v1.scenario.label,
+                    v2.scenario.label,
+                    str(v1.connections),
+                    f"{v1.load.rps:,.0f}",
+                    f"{v2.load.rps:,.0f}",
+                    ratio,
+                    _latency(v1),
+                    _latency(v2),
+                    f"{_share(v1, ceiling)} / {_share(v2, ceiling)}",
+                ]
+            )
+    if not rows:
+        return []
+    return ["", "## V2 beside v1", "", V2_NOTE, "", *_table(V2_COLUMNS, rows)]
+
+
 def render(
     args: argparse.Namespace,
     model_note: str,
@@ -212,9 +270,10 @@ def render(
     pairs: list[PairGoal],
     goal_lines: list[str],
 ) -> str:
-    """The whole report: setup, ceiling, sweep, side by side, memory and goals."""
+    """The whole report: setup, ceiling, sweep, V2 beside v1, side by side, memory and goals."""
     out = [*setup_section(args, model_note), *ceiling_section(args, ceiling)]
     out += ["", "## Under load", "", LOAD_NOTE, "", *sweep_table(runs)]
+    out += v2_table(runs, ceiling)
     out += pairs_section(args, pairs)
     out += ["", "## Memory", ""]
     out += _table(
@@ -224,7 +283,7 @@ def render(
             for run in runs.values()
         ],
     )
-    out += ["", "## Goals (issue 5)", "", "```", *goal_lines, "```", ""]
+    out += ["", "## Goals (issue 5, V2)", "", "```", *goal_lines, "```", ""]
     return "\n".join(out)
 
 

@@ -2,6 +2,8 @@
 
 `launch` gives every server the same settings; `sweep_server` checks and warms up each request, then runs
 wrk at each connection count and records requests/s, latency, server CPU, merged requests and RSS.
+`check_response` reads every kind of answer measured (v1 JSON and .npy, V2 JSON and binary tensor data)
+far enough to count its rows, so a server that answers something else stops the sweep.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -17,12 +20,17 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.serve_load import Load, Server, cpu_seconds, http, rss_bytes, run_wrk, wait_idle
-from bench.serve_scenarios import NPY, Scenario, ServerSpec
+from bench.serve_load import Load, Server, cpu_seconds, exchange, http, rss_bytes, run_wrk, wait_idle
+from bench.serve_scenarios import HEADER_LENGTH, NPY, Scenario, ServerSpec
 
 BATCH_REQUESTS = "vae_batch_requests"
 """service/metrics.py's histogram of requests merged per onnxruntime run, one label set per graph."""
 PEER_APPS = {"naive": "bench.peer_naive:app", "noop": "bench.peer_noop:app"}
+ROWS_FIELD = {"sample": "samples", "encode": "mu"}
+"""The JSON field (v1) or output (V2) whose rows `check_response` counts, by operation."""
+ITEM_SIZES = {"BOOL": 1, "UINT8": 1, "INT8": 1, "UINT16": 2, "INT16": 2, "FP16": 2}
+ITEM_SIZES |= {"UINT32": 4, "INT32": 4, "FP32": 4, "UINT64": 8, "INT64": 8, "FP64": 8}
+"""Bytes per element of the V2 datatypes, for binary_data_size."""
 
 
 @dataclass
@@ -67,20 +75,61 @@ class ServerRun:
         )
 
 
-def check_response(scenario: Scenario, data: bytes) -> None:
-    """Fail early, with the body in the message, if a server answers something other than what is measured."""
+def check_response(
+    scenario: Scenario, data: bytes, headers: dict[str, str] | None = None, status: int = 200
+) -> None:
+    """Fail early, with the body in the message, if a server answers something other than what is measured:
+    a status other than 200, or a body without `scenario.rows` rows. `headers` are the response's, names in
+    lower case (V2 binary tensor data needs Inference-Header-Content-Length)."""
+    if status != 200:
+        raise RuntimeError(f"{scenario.label}: status {status}: {data[:200]!r}")
     if scenario.key == "noop":
         return
     try:
-        if scenario.accept == NPY:
+        if scenario.protocol == "v2":
+            rows = v2_rows(scenario, data, headers or {})
+        elif scenario.accept == NPY:
             rows = len(np.load(io.BytesIO(data), allow_pickle=False))
         else:
-            body = json.loads(data)
-            rows = len(body["samples"] if scenario.endpoint == "sample" else body["mu"])
-    except (ValueError, KeyError, TypeError) as error:
+            rows = len(json.loads(data)[ROWS_FIELD[scenario.endpoint]])
+    except (ValueError, KeyError, TypeError, IndexError) as error:
         raise RuntimeError(f"{scenario.label}: unexpected response ({error!r}): {data[:200]!r}") from error
     if rows != scenario.rows:
         raise RuntimeError(f"{scenario.label}: expected {scenario.rows} rows, got {rows}")
+
+
+def v2_rows(scenario: Scenario, data: bytes, headers: dict[str, str]) -> int:
+    """The rows of a V2 response's samples (sample) or mu (encode) output, after checking that every output
+    is whole: JSON `data` holding shape's element count, or binary data of shape x datatype bytes, in order,
+    accounting for the body after the JSON exactly (Triton's binary tensor data extension). Raises ValueError
+    when `scenario.binary_output` and the rows output is not binary data."""
+    length = headers.get(HEADER_LENGTH.lower())
+    if scenario.binary_output and length is None:
+        raise ValueError(f"no {HEADER_LENGTH} header: the outputs are not binary data")
+    json_length = len(data) if length is None else int(length)
+    if not 0 < json_length <= len(data):
+        raise ValueError(f"{HEADER_LENGTH} {json_length} for a body of {len(data)} bytes")
+    outputs = json.loads(data[:json_length])["outputs"]
+    binary_bytes = 0
+    for output in outputs:
+        count = math.prod(output["shape"])
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            if len(output["data"]) != count:
+                raise ValueError(
+                    f"output {output['name']}: {len(output['data'])} values for {output['shape']}"
+                )
+        elif size != count * ITEM_SIZES[output["datatype"]]:
+            raise ValueError(f"output {output['name']}: binary_data_size {size} for {output['shape']}")
+        else:
+            binary_bytes += size
+    if binary_bytes != len(data) - json_length:
+        raise ValueError(f"{len(data) - json_length} bytes after the JSON, outputs declare {binary_bytes}")
+    wanted = next(o for o in outputs if o["name"] == ROWS_FIELD[scenario.endpoint])
+    if scenario.binary_output and "binary_data_size" not in (wanted.get("parameters") or {}):
+        raise ValueError(f"output {wanted['name']} is JSON, not binary data")
+    rows: int = wanted["shape"][0]
+    return rows
 
 
 def merged_totals(metrics_text: str) -> tuple[float, float]:
@@ -155,7 +204,7 @@ def sweep_server(
         sizes = warm_up(server.pid, base, chosen, model, args)
         run.rss_warm = rss_bytes(server.pid)
         for scenario in chosen:
-            url = f"{base}/v1/models/{model}/{scenario.endpoint}"
+            url = base + scenario.path(model)
             for connections in args.concurrency:
                 point = measure_point(
                     server.pid, url, metrics_url, scenario, connections, sizes[scenario.key], args
@@ -185,12 +234,9 @@ def warm_up(
     """Check each request's answer, then load it for --warmup seconds; returns each answer's size in bytes."""
     sizes: dict[str, int] = {}
     for scenario in chosen:
-        url = f"{base}/v1/models/{model}/{scenario.endpoint}"
-        headers = {"Content-Type": "application/json"} | (
-            {"Accept": scenario.accept} if scenario.accept else {}
-        )
-        data = http("POST", url, scenario.body, headers)
-        check_response(scenario, data)
+        url = base + scenario.path(model)
+        status, headers, data = exchange("POST", url, scenario.body, scenario.headers)
+        check_response(scenario, data, headers, status)
         sizes[scenario.key] = len(data)
         wrk_for(url, scenario, max(args.concurrency), args.warmup, args)
         wait_idle(pid)
@@ -230,7 +276,7 @@ def wrk_for(url: str, scenario: Scenario, connections: int, seconds: float, args
     return run_wrk(
         url,
         scenario.body,
-        accept=scenario.accept,
+        headers=scenario.headers,
         connections=connections,
         seconds=seconds,
         cpu=args.client_cpu,
