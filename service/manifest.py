@@ -103,6 +103,29 @@ class TrainingRecord(_Strict):
     )
     seconds: float = Field(description="Wall-clock training time of the run.")
     device: str
+    # what it takes to repeat the run (absent from manifests written before they were recorded)
+    git_commit: str | None = Field(
+        default=None,
+        description='The commit of the training code, or "uncommitted" when it differed from any commit.',
+    )
+    cpu: str | None = Field(default=None, description="The CPU model the run trained on.")
+    threads: int | None = Field(default=None, ge=1, description="torch intra-op threads of the run.")
+    libraries: dict[str, str] | None = Field(
+        default=None, description="Library versions the run trained with."
+    )
+
+
+class Binarization(_Strict):
+    """How the images behind `metrics` were binarized, when they were: the figures are then true
+    log-likelihoods of binary images, and anyone can repeat the test set's draw from `method` and `test_seed`
+    and check it against `test_sha256`."""
+
+    train: Literal["dynamic"] = Field(description="dynamic: each training batch drawn afresh.")
+    method: str = Field(description="How the fixed test set was drawn from the grey-level images.")
+    test_seed: int
+    test_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the binary test images as uint8 0/1 in C order."
+    )
 
 
 class Manifest(_Strict):
@@ -121,6 +144,9 @@ class Manifest(_Strict):
     export_check: ExportCheck
     training: TrainingRecord
     goal: Goal | None = Field(default=None, description="The target this model was trained to meet, if any.")
+    binarization: Binarization | None = Field(
+        default=None, description="Present when the model trained and was scored on binarized images."
+    )
     libraries: dict[str, str] = Field(description="Versions of the libraries that produced the files.")
 
 

@@ -63,8 +63,10 @@ def checkpoint_payload(
     state: RunState,
     device: torch.device,
     world_size: int,
+    environment: dict[str, object] | None = None,
 ) -> dict[str, Any]:
-    """Everything a checkpoint holds; `config` and `command` let it be rebuilt and described on its own."""
+    """Everything a checkpoint holds; `config` and `command` let it be rebuilt and described on its own,
+    `environment` (`training.provenance`) says what it takes to repeat it."""
     return {
         "config": cfg.model_dump(),
         "command": command,
@@ -77,6 +79,7 @@ def checkpoint_payload(
         "best_val_median_elbo": state.best_val_median_elbo,
         "device": str(device),
         "world_size": world_size,
+        "environment": environment or {},
     }
 
 

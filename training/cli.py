@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from training.checkpoints import load_checkpoint
     from training.config import TrainConfig
-    from training.data import find_data_dir, load_splits
+    from training.data import VAL_SEED_OFFSET, binarize_fixed, binarized_sha256, find_data_dir, load_splits
     from training.evaluate import evaluate
 
     model, ckpt = load_checkpoint(args.checkpoint)
@@ -56,10 +56,17 @@ def _evaluate(args: argparse.Namespace) -> None:
         cfg.train_subset,
     )
     x = splits.test if args.split == "test" else splits.val
+    binarized = cfg.binarize == "dynamic" if args.binarized is None else args.binarized
+    extra = {}
+    if binarized:  # the test set's fixed draw (the validation set's is seeded one further, as in training)
+        seed = cfg.binarize_seed if args.split == "test" else cfg.binarize_seed + VAL_SEED_OFFSET
+        x = binarize_fixed(x, seed)
+        extra = {"binarize_seed": seed, "binarized_sha256": binarized_sha256(x)}
     if args.images:
         x = x[: args.images]
     result = evaluate(model, x, args.iwae_k, progress=args.progress)
-    print(json.dumps({"checkpoint": str(args.checkpoint), "split": args.split, **result.to_dict()}, indent=2))
+    record = {"checkpoint": str(args.checkpoint), "split": args.split, "binarized": binarized, **extra}
+    print(json.dumps({**record, **result.to_dict()}, indent=2))
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -109,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--iwae-k", type=int, default=1000, help="Importance samples per image.")
             p.add_argument("--split", choices=["test", "val"], default="test")
+            p.add_argument(
+                "--binarized",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help="Score the fixed seeded binarization of the images (default: if the run trained with "
+                "--binarize dynamic).",
+            )
         else:
             p.add_argument(
                 "--out",

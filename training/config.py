@@ -21,6 +21,8 @@ Architecture = Literal["mlp", "conv"]
 Activation = Literal["relu", "gelu", "silu", "softplus", "tanh", "elu"]
 LikelihoodName = Literal["bernoulli", "gaussian"]
 KLEstimator = Literal["analytic", "mc"]
+Objective = Literal["elbo", "iwae", "iwae-dreg"]
+Binarize = Literal["none", "dynamic"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 
@@ -42,6 +44,14 @@ class TrainConfig(BaseModel):
     train_subset: int = Field(
         0, description="Use only the first N training images (0 = all); for smoke tests."
     )
+    binarize: Binarize = Field(
+        "none",
+        description="none: grey levels in [0, 1]; dynamic: each training batch drawn afresh as x ~ Bernoulli(pixel), "
+        "validation and test images binarized once with binarize_seed.",
+    )
+    binarize_seed: int = Field(
+        0, description="Seed of the fixed binarization of the test (and validation) images."
+    )
     # model
     arch: Architecture = Field("mlp", description="Encoder/decoder family.")
     hidden: tuple[int, ...] = Field((512, 512), description="MLP hidden widths (the decoder mirrors them).")
@@ -55,8 +65,15 @@ class TrainConfig(BaseModel):
         0.1, gt=0, description="Fixed pixel standard deviation of the Gaussian likelihood."
     )
     # objective
+    objective: Objective = Field(
+        "elbo",
+        description="Training objective: the ELBO, the IWAE bound with k = samples, or IWAE with the "
+        "doubly-reparameterized encoder gradient (DReG).",
+    )
     kl: KLEstimator = Field("analytic", description="KL term: closed form (SGVB B) or Monte Carlo (SGVB A).")
-    samples: int = Field(1, ge=1, description="Samples of z per example in the training ELBO (L).")
+    samples: int = Field(
+        1, ge=1, description="Samples of z per example: L of the ELBO, or k of the IWAE objectives."
+    )
     beta: float = Field(1.0, description="Weight of the KL term after warm-up.")
     kl_warmup: float = Field(
         0.02, ge=0, lt=1, description="Fraction of training over which the KL weight ramps 0 -> beta."

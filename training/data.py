@@ -10,6 +10,7 @@ Lookup order for the files: `--data-dir`, then `$VAE_DATA_DIR`, then the Debian 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import tempfile
@@ -174,6 +175,26 @@ def load_splits(
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     return Splits(x[train_idx], x[val_idx], load_split(directory, "test"))
+
+
+# The fixed binarization of the evaluation images, in numpy so that anyone can repeat it without torch (the
+# tests re-derive the shipped figures with numpy and onnxruntime alone). PCG64's stream for a seed is stable
+# across numpy versions and machines.
+BINARIZATION_METHOD = "numpy.random.default_rng(seed).random(x.shape) < x, x = pixels / 255 as float32"
+VAL_SEED_OFFSET = 1  # the validation images use binarize_seed + 1: not the same noise as the test images
+
+
+def binarize_fixed(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Binary images b ~ Bernoulli(x) drawn once from `seed`: x [N, 1, 28, 28] in [0, 1] -> {0, 1} float32.
+
+    The same (x, seed) always gives the same images, which is what makes an NLL on them repeatable."""
+    u = np.random.default_rng(seed).random(tuple(x.shape))  # float64 uniforms in [0, 1)
+    return torch.from_numpy(u < x.double().numpy()).to(torch.float32)
+
+
+def binarized_sha256(b: torch.Tensor) -> str:
+    """SHA-256 of binary images as uint8 0/1 bytes in C order: names one binarization exactly."""
+    return hashlib.sha256(b.to(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def download(dataset: str, dest: Path, mirrors: list[str] | None = None, timeout: float = 60.0) -> list[Path]:

@@ -5,22 +5,23 @@
 Writes into the model directory:
     encoder.onnx       x [batch, 1, 28, 28] -> mu, logvar [batch, latent_dim]   (logvar clamped as in training)
     decoder.onnx       z [batch, latent_dim] -> x_mean [batch, 1, 28, 28], pixel means in [0, 1]
-    model.json         `service.manifest.Manifest`: metrics, checksums, config, command, library versions
+    model.json         `service.manifest.Manifest`: metrics, checksums, config, command, library versions,
+                       the run's commit, CPU and threads, and with --binarize dynamic the test set's draw
     samples.png        decoder means for z drawn from the prior
     reconstructions.png  test images (odd rows) over their reconstructions decode(mu) (even rows)
     curves.png         train and validation ELBO per epoch
 
 Both graphs are exported with a dynamic batch axis (dynamo exporter, opset 18, weights inside the file) and
 run in onnxruntime on real test images and random latents at batch sizes other than the traced one; export
-fails if any output differs from PyTorch by more than `TOLERANCE`.
+fails if any output differs from PyTorch by more than `TOLERANCE`. A model trained with `--binarize dynamic`
+is scored on the fixed seeded binarization of the test images (`data.binarize_fixed`), so its figures are
+true log-likelihoods of binary images; it still serves inputs in [0, 1].
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
-import platform
 import shutil
 import tempfile
 import warnings
@@ -39,6 +40,7 @@ from service.manifest import (
     ENCODER_FILE,
     ENCODER_INPUT,
     ENCODER_OUTPUTS,
+    Binarization,
     ExportCheck,
     FileEntry,
     Goal,
@@ -51,10 +53,11 @@ from service.manifest import (
 )
 from training.checkpoints import load_checkpoint, run_record
 from training.config import TrainConfig
-from training.data import find_data_dir, load_split
+from training.data import BINARIZATION_METHOD, binarize_fixed, binarized_sha256, find_data_dir, load_split
 from training.evaluate import EvalResult, evaluate
 from training.figures import save_figures
 from training.model import VAE
+from training.provenance import library_versions
 
 TOLERANCE = 1e-4
 OPSET = 18
@@ -171,16 +174,6 @@ def check_parity(model: VAE, out_dir: Path, images: torch.Tensor, seed: int = 0)
     return check
 
 
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "numpy", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
 def describe_architecture(cfg: TrainConfig) -> str:
     if cfg.arch == "mlp":
         sizes = "-".join(str(n) for n in (784, *cfg.hidden, cfg.latent_dim))
@@ -198,7 +191,9 @@ def build_manifest(
     out_dir: Path,
     name: str,
     version: str,
+    binarization: Binarization | None = None,
 ) -> Manifest:
+    environment = ckpt.get("environment") or {}  # checkpoints written before it was recorded lack it
     goal = None
     if cfg.goal_nll:
         goal = Goal(max_test_nll=cfg.goal_nll, max_train_seconds=cfg.max_minutes * 60 or None)
@@ -232,8 +227,13 @@ def build_manifest(
             best_epoch=ckpt["epoch"],
             seconds=round(run["seconds"], 1),
             device=ckpt.get("device", "cpu"),
+            git_commit=environment.get("git_commit"),
+            cpu=environment.get("cpu"),
+            threads=environment.get("threads"),
+            libraries=environment.get("libraries"),
         ),
         goal=goal,
+        binarization=binarization,
         libraries=library_versions(),
     )
 
@@ -267,6 +267,15 @@ def export_checkpoint(
     model, ckpt = load_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(ckpt["config"], source=str(checkpoint))
     x_test = load_split(find_data_dir(cfg.dataset, data_dir, prefer=cfg.data_dir), "test")
+    binarization = None
+    if cfg.binarize == "dynamic":  # a model of binary images is scored on binary images: one seeded draw
+        x_test = binarize_fixed(x_test, cfg.binarize_seed)
+        binarization = Binarization(
+            train=cfg.binarize,
+            method=BINARIZATION_METHOD,
+            test_seed=cfg.binarize_seed,
+            test_sha256=binarized_sha256(x_test),
+        )
     if test_images:
         x_test = x_test[:test_images]
     k = iwae_k or cfg.iwae_k
@@ -284,7 +293,9 @@ def export_checkpoint(
         export_onnx(model, staging)
         check = check_parity(model, staging, x_test[:256])
         save_figures(model, x_test, run["history"], staging)
-        manifest = build_manifest(cfg, ckpt, run, result, check, staging, out_dir.parent.name, out_dir.name)
+        manifest = build_manifest(
+            cfg, ckpt, run, result, check, staging, out_dir.parent.name, out_dir.name, binarization
+        )
         write_manifest(staging, manifest)
         _replace_dir(staging, out_dir)
     finally:

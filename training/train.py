@@ -12,8 +12,17 @@ or, with `--max-minutes`, the larger of that and the fraction of the time budget
 run still anneals to the end of its budget. The learning rate ramps up linearly over `lr_warmup`, then
 follows a cosine to `lr_min`; the KL weight ramps from 0 to beta over `kl_warmup`; with `--batch-start` the
 batch size doubles from there up to `batch_size` during `batch_ramp` (small batches make fast early
-progress, large ones fast epochs). Epoch-limited runs are bit-for-bit reproducible on CPU (seeded init,
-permutation and noise, re-seeded per epoch so that `--resume` continues exactly).
+progress, large ones fast epochs).
+
+With `--binarize dynamic` every training batch is drawn afresh as x ~ Bernoulli(pixel intensities) from the
+epoch's noise generator, and the validation images are binarized once (`data.binarize_fixed`), so the
+best epoch is chosen on one fixed set of binary images.
+
+Reproducibility: a run limited by epochs (no `--max-minutes`) is bit-for-bit repeatable on CPU given the
+same code, machine, thread count (`--threads`) and library versions: init, permutation, noise and
+binarization are all seeded, re-seeded per epoch so that `--resume` continues exactly, and nothing else
+depends on the clock. The checkpoints record those four (`training.provenance`). A time-limited run is not
+repeatable: its schedule and its stop follow the clock.
 """
 
 from __future__ import annotations
@@ -33,10 +42,11 @@ from tqdm import tqdm
 
 from training.checkpoints import BEST, LAST, RunState, checkpoint_payload, resume, save_checkpoint
 from training.config import TrainConfig
-from training.data import load_splits
+from training.data import VAL_SEED_OFFSET, binarize_fixed, load_splits
 from training.evaluate import elbo_stats
 from training.model import VAE
-from training.objectives import ElboTerms, negative_elbo
+from training.objectives import ElboTerms, training_terms
+from training.provenance import environment
 
 # hook(epochs done as a float, model, training seconds so far); runs with the training clock stopped
 ProgressHook = Callable[[float, VAE, float], None]
@@ -116,6 +126,7 @@ class Run:
     model: VAE
     net: torch.nn.Module  # the model, or DistributedDataParallel around it
     optimizer: torch.optim.Optimizer
+    environment: dict[str, object]  # commit, CPU, threads, libraries (`training.provenance`)
 
     @property
     def budget(self) -> float:
@@ -236,6 +247,9 @@ def set_up(cfg: TrainConfig, command: str) -> tuple[Run, RunState]:
 
     # the whole set as tensors on the device: batches are index lookups
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.train_subset)
+    x_val = splits.val
+    if cfg.binarize == "dynamic":  # one fixed draw: every epoch is scored on the same binary images
+        x_val = binarize_fixed(x_val, cfg.binarize_seed + VAL_SEED_OFFSET)
 
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     model = VAE(cfg).to(device)
@@ -254,10 +268,11 @@ def set_up(cfg: TrainConfig, command: str) -> tuple[Run, RunState]:
         device=device,
         out_dir=out_dir,
         x_train=splits.train.to(device),
-        x_val=splits.val.to(device),
+        x_val=x_val.to(device),
         model=model,
         net=net,
         optimizer=optimizer,
+        environment=environment(),
     )
     return run, state
 
@@ -290,6 +305,8 @@ def train_epoch(
         lr, beta, batch = schedule(cfg, run.progress(state))
         xb = run.x_train[idx[i : i + max(1, batch // ranks.world)]]  # [b, 1, 28, 28]
         i += len(xb)
+        if cfg.binarize == "dynamic":
+            xb = torch.bernoulli(xb, generator=noise)
         terms = train_step(run, xb, lr, beta, noise)
         step += 1
         state.seen += len(xb)
@@ -329,7 +346,9 @@ def train_step(run: Run, x: torch.Tensor, lr: float, beta: float, noise: torch.G
         group["lr"] = lr
     use_amp = cfg.amp and run.device.type == "cuda"
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        terms = negative_elbo(run.net, x, samples=cfg.samples, kl=cfg.kl, beta=beta, generator=noise)
+        terms = training_terms(
+            run.net, x, objective=cfg.objective, samples=cfg.samples, kl=cfg.kl, beta=beta, generator=noise
+        )
     run.optimizer.zero_grad(set_to_none=True)
     terms.loss.mean().backward()
     if cfg.grad_clip:
@@ -379,7 +398,14 @@ def record_epoch(run: Run, state: RunState, row: dict[str, float]) -> bool:
     state.best_val_median_elbo = max(state.best_val_median_elbo, score)
     if run.ranks.main:
         payload = checkpoint_payload(
-            run.cfg, run.command, run.model, run.optimizer, state, run.device, run.ranks.world
+            run.cfg,
+            run.command,
+            run.model,
+            run.optimizer,
+            state,
+            run.device,
+            run.ranks.world,
+            run.environment,
         )
         save_checkpoint(run.out_dir / LAST, payload)
         if improved:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -28,8 +29,10 @@ from service.manifest import (
 from training import export
 from training.checkpoints import BEST, LAST, load_checkpoint
 from training.config import TrainConfig
-from training.data import IMAGE_FILES
+from training.data import BINARIZATION_METHOD, IMAGE_FILES, binarize_fixed, binarized_sha256, load_split
+from training.evaluate import evaluate
 from training.export import TOLERANCE, ExportError, export_checkpoint
+from training.provenance import UNCOMMITTED, cpu_model
 from training.train import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +87,33 @@ def test_export_writes_the_files_and_a_valid_manifest(exported: tuple[Path, Path
     assert manifest.training.config["latent_dim"] == 4
     assert {"torch", "onnxruntime", "onnx"} <= manifest.libraries.keys()
     assert verify_checksums(model_dir, manifest) == []
+    # beside the command, what it takes to repeat the run: commit, CPU, threads, libraries at training time
+    record = manifest.training
+    assert record.git_commit == UNCOMMITTED or re.fullmatch(r"[0-9a-f]{40}", record.git_commit or "")
+    assert record.cpu == cpu_model() and record.threads == 1
+    assert record.libraries is not None and record.libraries["torch"] == torch.__version__
+    assert manifest.binarization is None
+
+
+def test_a_binarized_model_is_scored_on_its_recorded_binarization(
+    synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """With --binarize dynamic the figures are on one seeded draw of the test images, which the manifest
+    names (seed, method, SHA-256) and which scoring the checkpoint on that draw reproduces exactly."""
+    cfg = TrainConfig(
+        data_dir=str(synthetic_dir), val_size=100, hidden=(32,), latent_dim=4, batch_size=50, batch_start=0, epochs=1,
+        out=str(tmp_path / "run"), progress=False, iwae_k=8, binarize="dynamic", binarize_seed=5,
+    )  # fmt: skip
+    result = train(cfg, command="python -m training train --binarize dynamic")
+    manifest = export_checkpoint(result.out_dir / BEST, tmp_path / "bin" / "1", progress=False)
+    assert manifest.binarization is not None and manifest.binarization.test_seed == 5
+    assert manifest.binarization.method == BINARIZATION_METHOD and manifest.binarization.train == "dynamic"
+    x_bin = binarize_fixed(load_split(synthetic_dir, "test"), 5)
+    assert manifest.binarization.test_sha256 == binarized_sha256(x_bin)
+    model, _ = load_checkpoint(result.out_dir / BEST)
+    assert evaluate(model, x_bin, 8).nll == manifest.metrics.test_nll
+    assert evaluate(model, load_split(synthetic_dir, "test"), 8).nll != manifest.metrics.test_nll
+    assert read_manifest(tmp_path / "bin" / "1").binarization == manifest.binarization
 
 
 def test_onnx_matches_torch_at_any_batch_size(exported: tuple[Path, Path], synthetic_dir: Path) -> None:
