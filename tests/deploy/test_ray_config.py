@@ -1,0 +1,80 @@
+"""deploy/ray/serve.yaml and service_ray without a Ray instance: the config is valid for Ray and carries the
+knobs users tune, `./run serve-ray`'s overrides land where Ray reads them, and `service` never imports Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic.warnings import PydanticDeprecatedSince20
+
+ROOT = Path(__file__).resolve().parents[2]
+
+if importlib.util.find_spec("ray") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("ray is not installed: `./run test` installs the `ray` extra into .venv")
+    pytest.skip("ray is not installed (the `ray` extra; `./run test` installs it)", allow_module_level=True)
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", PydanticDeprecatedSince20)  # Ray's own models
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from service_ray import launch
+    from service_ray.deployment import app as serve_app
+
+pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20")
+
+KNOBS = {"max_ongoing_requests", "max_queued_requests", "ray_actor_options", "graceful_shutdown_timeout_s"}
+
+
+def test_the_config_file_is_valid_for_ray_and_has_the_knobs() -> None:
+    raw = yaml.safe_load(launch.CONFIG.read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    (app,) = config.applications
+    assert app.import_path == "service_ray.deployment:app" and app.route_prefix == "/"
+    (deployment,) = raw["applications"][0]["deployments"]
+    assert deployment.keys() >= KNOBS
+    assert deployment["num_replicas"] == 2
+    assert deployment["ray_actor_options"]["num_cpus"] == int(app.runtime_env["env_vars"]["INTRA_OP_THREADS"])
+    # the commented-out autoscaling block is valid too, in place of num_replicas
+    autoscaling = {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 16}
+    raw["applications"][0]["deployments"][0] = {**deployment, "autoscaling_config": autoscaling}
+    del raw["applications"][0]["deployments"][0]["num_replicas"]
+    ServeDeploySchema.model_validate(raw)
+
+
+def test_the_import_path_is_a_serve_application_named_as_in_the_config() -> None:
+    assert isinstance(serve_app, Application)
+    raw = yaml.safe_load(launch.CONFIG.read_text())
+    assert serve_app._bound_deployment.name == raw["applications"][0]["deployments"][0]["name"]
+
+
+def test_overrides_replace_address_replicas_and_environment() -> None:
+    config = launch.load_config(host="127.0.0.1", port=9123, replicas=1, env={"MODEL_DIR": "/srv/models"})
+    assert config["http_options"]["host"] == "127.0.0.1" and config["http_options"]["port"] == 9123
+    (app,) = config["applications"]
+    assert app["deployments"][0]["num_replicas"] == 1
+    assert app["runtime_env"]["env_vars"] == {"INTRA_OP_THREADS": "1", "MODEL_DIR": "/srv/models"}
+
+
+def test_ray_defaults_never_replace_what_is_set() -> None:
+    environ = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    launch.ray_environment(environ)
+    assert environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+def test_the_service_never_imports_ray() -> None:
+    code = (
+        "import sys, service.app, service.__main__, service.server\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'ray'], 'ray imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
