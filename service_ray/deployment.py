@@ -21,9 +21,10 @@ the defaults below are what a plain `serve run service_ray.deployment:app` gets.
 from __future__ import annotations
 
 import math
-import os
+from typing import Self
 
 import ray
+from pydantic import model_validator
 from ray import serve
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,16 +36,20 @@ REPLICA_HEADER = "X-Serve-Replica"
 
 
 def replica_cpus() -> int:
-    """Whole CPUs Ray assigned to this replica (fractional shares count as one)."""
+    """Whole CPUs Ray assigned to this replica (a fractional share counts as one)."""
     assigned = float(ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
     return max(1, math.floor(assigned))
 
 
-def replica_settings() -> Settings:
-    """The settings of `python -m service`, with onnxruntime's threads sized to this replica's CPUs."""
-    if int(os.environ.get("INTRA_OP_THREADS", "0") or 0) == 0:
-        return Settings(intra_op_threads=replica_cpus())
-    return Settings()
+class ReplicaSettings(Settings):
+    """The settings of `python -m service` (environment and `.env` alike), but INTRA_OP_THREADS=0 means this
+    replica's CPUs: it replaces Settings' validator of the same name, which would count the node's."""
+
+    @model_validator(mode="after")
+    def _resolve_threads(self) -> Self:
+        if self.intra_op_threads == 0:
+            self.intra_op_threads = replica_cpus()
+        return self
 
 
 class ReplicaHeader:
@@ -81,7 +86,7 @@ class VAEService:
     """One replica: the service's app (built in the replica, from its environment) and its health."""
 
     def __init__(self) -> None:
-        self.settings = replica_settings()
+        self.settings = ReplicaSettings()
         self.service: ServiceApp = create_app(self.settings)
         self.replica = serve.get_replica_context().replica_tag
 

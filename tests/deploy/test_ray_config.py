@@ -26,7 +26,7 @@ with warnings.catch_warnings():
     from ray.serve.deployment import Application
     from ray.serve.schema import ServeDeploySchema
 
-    from service_ray import launch
+    from service_ray import deployment, launch
     from service_ray.deployment import app as serve_app
 
 pytestmark = pytest.mark.filterwarnings("ignore::pydantic.warnings.PydanticDeprecatedSince20")
@@ -69,6 +69,17 @@ def test_ray_defaults_never_replace_what_is_set() -> None:
     launch.ray_environment(environ)
     assert environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
     assert environ["RAY_USAGE_STATS_ENABLED"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("given", "threads"), [("0", 3), ("2", 2)], ids=["0: the replica's CPUs", "2: as given"]
+)
+def test_replica_threads_are_the_replicas_cpus_not_the_nodes(
+    monkeypatch: pytest.MonkeyPatch, given: str, threads: int
+) -> None:
+    monkeypatch.setattr(deployment, "replica_cpus", lambda: 3)
+    monkeypatch.setenv("INTRA_OP_THREADS", given)
+    assert deployment.ReplicaSettings(_env_file=None).intra_op_threads == threads
 
 
 def test_the_service_never_imports_ray() -> None:
