@@ -4,7 +4,8 @@ API_KEYS holds `NAME:KEY` pairs, comma-separated, or is the path of a file with 
 comments allowed). With none configured the service is open. With keys, every request needs
 `Authorization: Bearer KEY` or `X-API-Key: KEY`, except the open paths: the probes (`/healthz`, `/readyz`),
 `/metrics` unless METRICS_REQUIRE_KEY, and the API documentation (`/docs`, `/redoc`, `/openapi.json` and
-their assets), which describe the API but serve no data. The rule is deny by default: a route added later
+their assets) and the playground's page (`/`, `/playground/`), which describe or call the API but serve no
+data themselves. The rule is deny by default: a route added later
 needs a key unless it is added to OPEN_PATHS here.
 
 The key's NAME (never the key) labels the request: in `scope["state"]["api_key"]` for the metrics, and in
@@ -28,6 +29,7 @@ NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MIN_KEY_LENGTH = 16
 PROBES = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 DOCS = ("/docs", "/redoc", "/openapi.json")  # /docs also covers /docs-assets/ and the OAuth2 redirect
+PAGES = ("/playground",)  # the playground's page and files; its API calls carry the key typed into it
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="vae-serving"'}
 
 current_key: ContextVar[str] = ContextVar("current_key", default="-")
@@ -62,8 +64,15 @@ def parse_api_keys(spec: str) -> dict[str, str]:
 
 
 def is_open(path: str, *, metrics_open: bool) -> bool:
-    """Whether `path` is served without a key: the probes, the docs and, if `metrics_open`, /metrics."""
-    return path in PROBES or path.startswith(DOCS) or (metrics_open and path == "/metrics")
+    """Whether `path` is served without a key: the probes, the docs, the playground page (and / leading to
+    it) and, if `metrics_open`, /metrics."""
+    return (
+        path in PROBES
+        or path.startswith(DOCS)
+        or path == "/"
+        or path.startswith(PAGES)
+        or (metrics_open and path == "/metrics")
+    )
 
 
 def presented_keys(scope: Scope) -> list[str]:

@@ -48,6 +48,7 @@ class ServedModel:
     encoder: Batcher
     decoder: Batcher
     graphs: Graphs | None = field(default=None, repr=False)  # for calls after retirement (None: fakes)
+    background: ServedModel | None = None  # the anomaly score's background model (manifest.anomaly), if any
     _in_flight: int = field(default=0, init=False, repr=False)  # calls submitted, not yet back
     _retired: bool = field(default=False, init=False, repr=False)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
@@ -88,11 +89,15 @@ class ServedModel:
     async def start(self) -> None:
         await self.encoder.start()
         await self.decoder.start()
+        if self.background is not None:
+            await self.background.start()
 
     async def stop(self) -> None:
         """Stop both batchers now: queued calls fail with BatcherClosed (503), runs in flight finish."""
         await self.encoder.stop()
         await self.decoder.stop()
+        if self.background is not None:
+            await self.background.stop()
 
     async def retire(self) -> None:
         """No longer served to new requests: wait for the calls already submitted, then stop the batchers.
@@ -100,6 +105,8 @@ class ServedModel:
         Calls that come later (a request resolved this version before the reload) run unbatched on a thread.
         """
         self._retired = True
+        if self.background is not None:
+            await self.background.retire()
         while self._in_flight:
             self._idle.clear()
             await self._idle.wait()

@@ -176,7 +176,7 @@ class Loader:
                 f"{shown_manifest} says {manifest.name}/{manifest.version} but lives in "
                 f"{version_dir.parent.name}/{version_dir.name}"
             )
-        for role, entry in (("encoder", manifest.files.encoder), ("decoder", manifest.files.decoder)):
+        for role, entry in manifest.file_entries():
             if not (version_dir / entry.path).resolve().is_relative_to(inside):
                 raise _Refused(
                     f"{role} file {shown}/{entry.path} resolves outside {shown} (a symlink?); "
@@ -203,6 +203,24 @@ class Loader:
             graphs.encoder.providers,
             graphs.decoder.providers,
         )
+        background = None
+        view = manifest.background_view()
+        if graphs.background is not None and view is not None:  # its batchers: graphs background_*
+            background = ServedModel(
+                manifest=view,
+                path=version_dir,
+                graph_providers={
+                    "encoder": graphs.background.encoder.providers,
+                    "decoder": graphs.background.decoder.providers,
+                },
+                encoder=_batcher(
+                    graphs.background.encoder, "background_encoder", settings, metrics, manifest
+                ),
+                decoder=_batcher(
+                    graphs.background.decoder, "background_decoder", settings, metrics, manifest
+                ),
+                graphs=graphs.background,
+            )
         return ServedModel(
             manifest=manifest,
             path=version_dir,
@@ -210,6 +228,7 @@ class Loader:
             encoder=_batcher(graphs.encoder, "encoder", settings, metrics, manifest),
             decoder=_batcher(graphs.decoder, "decoder", settings, metrics, manifest),
             graphs=graphs,
+            background=background,
         )
 
 

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 MANIFEST_NAME = "model.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+BACKGROUND_ENCODER_FILE = "background_encoder.onnx"
+BACKGROUND_DECODER_FILE = "background_decoder.onnx"
 
 ENCODER_INPUT = "x"
 ENCODER_OUTPUTS = ("mu", "logvar")
@@ -128,6 +130,47 @@ class Binarization(_Strict):
     )
 
 
+class Auroc(_Strict):
+    """Area under the ROC curve of each score, higher meaning anomalous: -elbo, -iwae and the anomaly score."""
+
+    elbo: float = Field(ge=0.0, le=1.0)
+    iwae: float = Field(ge=0.0, le=1.0)
+    anomaly: float = Field(ge=0.0, le=1.0)
+
+
+class BackgroundModel(_Strict):
+    """The VAE the anomaly score compares the model with: same graph contract, its own latent size."""
+
+    encoder: FileEntry
+    decoder: FileEntry
+    latent_dim: int = Field(ge=1)
+    architecture: str
+    perturbation: str = Field(description="How its training images were perturbed.")
+    config: dict[str, object] = Field(description="The settings it was made with (training.background).")
+    seconds: float = Field(description="Wall-clock training time.")
+    max_abs_diff: float = Field(description="Worst |onnxruntime - torch| of its graphs at export.")
+
+
+class Anomaly(_Strict):
+    """The anomaly score served by `score`: its background model, threshold and measured AUROCs."""
+
+    score: str = Field(description="What the score is, in words.")
+    background: BackgroundModel
+    threshold: float = Field(description="Scores above it are flagged (nats).")
+    false_positive_rate: float = Field(
+        ge=0.0, le=1.0, description="Share of validation images above the threshold, by construction."
+    )
+    threshold_images: int = Field(ge=1, description="Validation images the threshold was set on.")
+    test_false_positive_rate: float = Field(
+        ge=0.0, le=1.0, description="Share of the held-out test images above the threshold."
+    )
+    k: int = Field(ge=1, description="Importance samples per image in the measurements.")
+    test_images: int = Field(ge=1, description="Held-out test images the AUROCs are measured on.")
+    auroc: dict[str, Auroc] = Field(description="Test images against each out-of-distribution set.")
+    command: str = Field(description="The command that made the background model and these figures.")
+    created: datetime
+
+
 class Manifest(_Strict):
     format_version: Literal[1] = 1
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -148,6 +191,39 @@ class Manifest(_Strict):
         default=None, description="Present when the model trained and was scored on binarized images."
     )
     libraries: dict[str, str] = Field(description="Versions of the libraries that produced the files.")
+    anomaly: Anomaly | None = Field(
+        default=None, description="The anomaly score's background model and figures; None: `score` has none."
+    )
+    unit_variance: list[float] | None = Field(
+        default=None,
+        description="Variance of each latent unit's posterior mean over validation images, unit by unit (how "
+        "much the model uses it: active above 0.01).",
+    )
+
+    def file_entries(self) -> list[tuple[str, FileEntry]]:
+        """Every graph file the manifest names, with its role."""
+        entries = [("encoder", self.files.encoder), ("decoder", self.files.decoder)]
+        if self.anomaly is not None:
+            background = self.anomaly.background
+            entries += [
+                ("background encoder", background.encoder),
+                ("background decoder", background.decoder),
+            ]
+        return entries
+
+    def background_view(self) -> Manifest | None:
+        """The background model as a manifest of its own (its files and latent size, the rest this one's),
+        so that it loads and runs like any model; None without one."""
+        if self.anomaly is None:
+            return None
+        background = self.anomaly.background
+        return self.model_copy(
+            update={
+                "files": ModelFiles(encoder=background.encoder, decoder=background.decoder),
+                "latent_dim": background.latent_dim,
+                "anomaly": None,
+            }
+        )
 
 
 def sha256_file(path: Path) -> str:
@@ -174,7 +250,7 @@ def verify_checksums(model_dir: Path, manifest: Manifest, *, shown_as: str | Non
     name it relative to its MODEL_DIR rather than show where it lives on disk.
     """
     problems = []
-    for role, entry in (("encoder", manifest.files.encoder), ("decoder", manifest.files.decoder)):
+    for role, entry in manifest.file_entries():
         path = model_dir / entry.path
         shown = path if shown_as is None else f"{shown_as}/{entry.path}"
         if not path.is_file():

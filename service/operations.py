@@ -10,6 +10,10 @@ other requests share its batch. With `rng = np.random.Generator(np.random.PCG64(
                  z = np.float32(temperature) * eps
     reconstruct  mode "sample": eps = rng.standard_normal((batch, L), dtype=np.float32); z = mu + sigma * eps
                  mode "mean":   no draw; z = mu
+    score        eps = rng.standard_normal((batch, k, L), dtype=np.float32); z = mu + sigma * eps, then, with
+                 a background model of latent size Lb, rng.standard_normal((batch, k, Lb), dtype=np.float32)
+                 for it the same way (two calls, both before any graph runs)
+    interpolate  no draw
 
 with sigma = exp(logvar / 2), all in float32. A client holding the seed reproduces eps exactly with those
 lines, and z exactly from the returned mu and sigma.
@@ -17,12 +21,16 @@ lines, and z exactly from the returned mu and sigma.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+from service import scoring
+from service.manifest import Manifest
 
 F32 = npt.NDArray[np.float32]
 ReconstructMode = Literal["mean", "sample"]
@@ -116,3 +124,81 @@ async def reconstruct(
 
 async def decode(model: VAE, z: F32) -> F32:
     return await model.run_decoder(z)
+
+
+def likelihood_of(manifest: Manifest) -> tuple[scoring.Likelihood, float]:
+    """The model's likelihood and, for a Gaussian one, its fixed standard deviation (training config)."""
+    std = manifest.training.config.get("gaussian_std", 0.1)
+    return manifest.likelihood, float(std) if isinstance(std, int | float) else 0.1
+
+
+@dataclass(frozen=True)
+class Score:
+    bounds: scoring.Bounds  # the model's elbo, iwae, kl, recon_error per image
+    anomaly: scoring.F64 | None  # the anomaly score per image; None without a background model
+
+
+async def _bounds(
+    model: VAE, x: F32, eps: F32, likelihood: scoring.Likelihood, gaussian_std: float
+) -> scoring.Bounds:
+    batch, k, latent = eps.shape
+    mu, logvar = await model.run_encoder(x)
+    z = mu[:, None, :] + sigma_of(logvar)[:, None, :] * eps  # [batch, k, L]
+    # decode(mu) for recon_error and the k draws, as two submissions: each stays within the request limits
+    x_mean_mu, x_mean = await asyncio.gather(
+        model.run_decoder(mu), model.run_decoder(z.reshape(batch * k, latent))
+    )
+    flat = x.reshape(batch, -1)
+    return await asyncio.to_thread(  # a few ms of numpy per 1,000 rows: off the event loop
+        scoring.bounds,
+        flat,
+        mu,
+        logvar,
+        eps,
+        z,
+        x_mean.reshape(batch, k, -1),
+        x_mean_mu.reshape(batch, -1),
+        likelihood,
+        gaussian_std,
+    )
+
+
+async def score(
+    model: VAE,
+    x: F32,
+    k: int,
+    rng: np.random.Generator,
+    likelihood: scoring.Likelihood,
+    gaussian_std: float = 0.1,
+    background: VAE | None = None,
+) -> Score:
+    """Likelihood bounds of each image with k importance samples and, given a background model, the anomaly
+    score (`service.scoring`). The two models run concurrently, each on its own batchers."""
+    batch = x.shape[0]
+    eps = rng.standard_normal((batch, k, model.latent_dim), dtype=np.float32)
+    if background is None:
+        return Score(await _bounds(model, x, eps, likelihood, gaussian_std), None)
+    eps_background = rng.standard_normal((batch, k, background.latent_dim), dtype=np.float32)
+    bounds, background_bounds = await asyncio.gather(
+        _bounds(model, x, eps, likelihood, gaussian_std),
+        _bounds(background, x, eps_background, likelihood, gaussian_std),
+    )
+    return Score(bounds, scoring.anomaly_score(bounds, background_bounds))
+
+
+@dataclass(frozen=True)
+class Interpolation:
+    images: F32  # [steps, *input_shape]
+    z: F32  # [steps, L]
+    t: F32  # [steps]: 0 at the first endpoint, 1 at the last
+
+
+async def interpolate(
+    model: VAE, ends: F32, steps: int, method: scoring.Method, *, latent: bool
+) -> Interpolation:
+    """Decode `steps` points between two endpoints: ends [2, L] latents (`latent`), or [2, *input_shape]
+    images, which stand for their posterior means. The first and last points decode exactly the endpoints."""
+    if not latent:
+        ends, _ = await model.run_encoder(ends)
+    t, z = scoring.interpolate(ends[0], ends[1], steps, method)
+    return Interpolation(images=await model.run_decoder(z), z=z, t=t)

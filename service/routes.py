@@ -22,14 +22,17 @@ from service import operations
 from service.catalog import ServedModel
 from service.dispatch import Operation, OperationRoute
 from service.errors import Forbidden, check_limit
-from service.media import ARRAY_TYPES, IMAGE_TYPES, negotiate
+from service.manifest import Anomaly
+from service.media import ARRAY_TYPES, IMAGE_TYPES, PNG, negotiate
 from service.metrics import Metrics
 from service.openapi import ERRORS, request_doc, responses_doc
+from service.playground import add_playground
 from service.registry import Registry
 from service.requests import Images, Latents, read_arrays, read_params
 from service.responses import encoding_response, image_response, json_response
 from service.schemas import (
     EXAMPLE_PNG,
+    AnomalyInfo,
     DecodeParams,
     DecodeRequest,
     DecodeResponse,
@@ -37,6 +40,9 @@ from service.schemas import (
     EncodeRequest,
     EncodeResponse,
     ErrorResponse,
+    InterpolateParams,
+    InterpolateRequest,
+    InterpolateResponse,
     ModelInfo,
     ModelList,
     Readiness,
@@ -48,7 +54,11 @@ from service.schemas import (
     SampleParams,
     SampleRequest,
     SampleResponse,
+    ScoreParams,
+    ScoreRequest,
+    ScoreResponse,
 )
+from service.scoring_http import read_endpoints, score_response, strip_response
 from service.settings import Settings
 
 # ---- what a handler can reach ------------------------------------------------------------------------
@@ -143,6 +153,34 @@ async def decode(request: Request, served: Served) -> Response:
     return image_response(media, images, params.dtype, "samples", {}, None)
 
 
+async def score(request: Request, served: Served) -> Response:
+    settings = settings_of(request)
+    media = negotiate(request.headers.get("accept"), ARRAY_TYPES)
+    params, x = await read_arrays(request, ScoreParams, images_of(served, settings))
+    rows = x.shape[0] * params.k
+    check_limit(rows, settings.max_samples, "k", "MAX_SAMPLES", "inputs x k")
+    seed = seed_of(params.seed)
+    likelihood, std = operations.likelihood_of(served.manifest)
+    background = served.background if served.manifest.anomaly is not None else None
+    rng = operations.make_rng(seed)
+    result = await operations.score(served, x, params.k, rng, likelihood, std, background)
+    metrics_of(request).count_samples("score", served.manifest.name, rows)
+    anomaly = served.manifest.anomaly
+    return score_response(media, result, None if anomaly is None else anomaly.threshold, params.k, seed)
+
+
+async def interpolate(request: Request, served: Served) -> Response:
+    settings = settings_of(request)
+    media = negotiate(request.headers.get("accept"), IMAGE_TYPES)
+    images = images_of(served, settings)
+    params, ends, latent = await read_endpoints(request, images, Latents(served.latent_dim, 2))
+    check_limit(params.steps, settings.max_batch, "steps", "MAX_BATCH", "steps")
+    result = await operations.interpolate(served, ends, params.steps, params.method, latent=latent)
+    if media == PNG:
+        return strip_response(result.images)
+    return image_response(media, result.images, params.dtype, "images", {"z": result.z, "t": result.t}, None)
+
+
 # ---- metadata, health, metrics -------------------------------------------------------------------------
 
 
@@ -162,7 +200,19 @@ def model_info(served: ServedModel, versions: list[str]) -> dict[str, Any]:
         metrics=manifest.metrics.model_dump(),
         providers=served.providers,
         graph_providers=served.graph_providers,
+        anomaly=None if manifest.anomaly is None else anomaly_info(manifest.anomaly),
+        unit_variance=manifest.unit_variance,
     ).model_dump()
+
+
+def anomaly_info(anomaly: Anomaly) -> AnomalyInfo:
+    return AnomalyInfo(
+        threshold=anomaly.threshold,
+        false_positive_rate=anomaly.false_positive_rate,
+        k=anomaly.k,
+        test_images=anomaly.test_images,
+        auroc={name: figures.model_dump() for name, figures in anomaly.auroc.items()},
+    )
 
 
 async def list_models(registry: RegistryDep) -> Response:
@@ -306,6 +356,33 @@ OPERATIONS = {
         IMAGE_TYPES,
         "JSON, the images as one .npy array, or a PNG grid.",
     ),
+    "score": OperationSpec(
+        score,
+        "Likelihood bounds of each image (elbo, iwae with k importance samples, kl, recon_error) and, when the "
+        "model has a background model, its anomaly score and flag.",
+        ScoreRequest,
+        ScoreParams,
+        {"inputs": [EXAMPLE_PNG], "k": 100, "seed": 1234},
+        IMAGES,
+        {"inputs": ("maxItems", "max_batch"), "k": ("maximum", "max_samples")},
+        ScoreResponse,
+        ARRAY_TYPES,
+        "JSON, or one .npy structured array (fields elbo, iwae, kl, recon_error, and anomaly_score, is_anomaly "
+        "with a background model; the threshold in X-Anomaly-Threshold).",
+    ),
+    "interpolate": OperationSpec(
+        interpolate,
+        "Decode a path between two images (their posterior means) or two latent vectors: steps points, "
+        "linear or spherical, the first and last exactly the endpoints.",
+        InterpolateRequest,
+        InterpolateParams,
+        {"inputs": [EXAMPLE_PNG, EXAMPLE_PNG], "steps": 8, "method": "slerp", "dtype": "uint8"},
+        "Two images [2, D] or [2, *input_shape], or with latent=true two latents [2, latent_dim].",
+        {"steps": ("maximum", "max_batch")},
+        InterpolateResponse,
+        IMAGE_TYPES,
+        "JSON, the images as one .npy array, or a PNG strip (one row, first endpoint on the left).",
+    ),
 }
 
 
@@ -341,6 +418,7 @@ def add_routes(app: FastAPI, settings: Settings) -> None:
         router.add_api_route(
             path, endpoint, methods=["POST"], tags=[tag], summary=summary, responses=responses
         )
+    add_playground(app)
 
 
 INFO_ROUTES: list[tuple[str, Callable[..., Awaitable[Response]], str, str, dict[int | str, Any]]] = [

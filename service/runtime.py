@@ -165,6 +165,7 @@ def _open_checked(
 class Graphs:
     encoder: Graph
     decoder: Graph
+    background: Graphs | None = None  # the anomaly score's background model, when the manifest has one
 
 
 def load_graphs(
@@ -176,6 +177,18 @@ def load_graphs(
     warmup_rows: int,
     require_cuda: bool,
 ) -> Graphs:
+    """The model's encoder and decoder and, when the manifest has an anomaly section, its background's."""
+    view = manifest.background_view()
+    background = None
+    if view is not None:
+        background = load_graphs(
+            model_dir,
+            view,
+            providers=providers,
+            options=options,
+            warmup_rows=warmup_rows,
+            require_cuda=require_cuda,
+        )
     latent = (manifest.latent_dim,)
     encoder = load_graph(
         model_dir / manifest.files.encoder.path,
@@ -197,7 +210,7 @@ def load_graphs(
         warmup_rows=warmup_rows,
         require_cuda=require_cuda,
     )
-    return Graphs(encoder=encoder, decoder=decoder)
+    return Graphs(encoder=encoder, decoder=decoder, background=background)
 
 
 def available_providers() -> list[str]:

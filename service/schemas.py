@@ -74,6 +74,37 @@ class DecodeParams(RequestParams):
     dtype: DtypeField = "float32"
 
 
+class ScoreParams(RequestParams):
+    k: int = Field(
+        100,
+        ge=1,
+        description="Importance samples per input: z_i = mu + sigma * eps_i, i = 1..k. inputs x k <= MAX_SAMPLES.",
+    )
+    seed: Seed = None
+
+
+class PathParams(RequestParams):
+    """interpolate's parameters as V2 takes them (its endpoints are always latents there)."""
+
+    steps: int = Field(
+        8, ge=2, description="Points on the path, both endpoints included (at most MAX_BATCH)."
+    )
+    method: Literal["linear", "slerp"] = Field(
+        "linear",
+        description="linear: (1 - t) a + t b; slerp: along the great circle through a and b (keeps the norm "
+        "typical for draws from the prior).",
+    )
+    dtype: DtypeField = "float32"
+
+
+class InterpolateParams(PathParams):
+    latent: bool = Field(
+        False,
+        description=".npy bodies only: true when the array holds two latent vectors [2, latent_dim], false "
+        "for two images (JSON bodies say which by their field: inputs or z).",
+    )
+
+
 InputsField = Annotated[
     list[str | list[Any]],
     Field(
@@ -110,6 +141,27 @@ class DecodeRequest(DecodeParams):
     z: LatentsField
 
 
+class ScoreRequest(ScoreParams):
+    inputs: InputsField
+
+
+class InterpolateRequest(InterpolateParams):
+    inputs: list[str | list[Any]] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="Two images (forms as for encode): the path runs between their posterior means. "
+        "Give inputs or z, not both.",
+        examples=[[EXAMPLE_PNG, EXAMPLE_PNG]],
+    )
+    z: list[list[float]] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="Two latent vectors [2, latent_dim], numbers in [-1000, 1000]. Give inputs or z.",
+    )
+
+
 Matrix = list[list[float]]
 
 
@@ -140,6 +192,61 @@ class DecodeResponse(BaseModel):
     samples: list[Any] = Field(description="Decoded images [batch, *input_shape].")
 
 
+class AnomalyResult(BaseModel):
+    score: float = Field(
+        description="log p_background(x) - log p_model(x) in nats (ELBOs): high means unlike the training data."
+    )
+    threshold: float = Field(
+        description="Scores above it are flagged: 1% of validation images are (the manifest's threshold)."
+    )
+    is_anomaly: bool = Field(description="score > threshold.")
+
+
+class ScoreItem(BaseModel):
+    elbo: float = Field(
+        description="Evidence lower bound on log p(x), analytic KL (nats; higher: more typical)."
+    )
+    iwae: float = Field(
+        description="The k-sample importance-weighted bound on log p(x) (nats), >= elbo on average."
+    )
+    kl: float = Field(description="KL(q(z|x) || N(0, I)) in closed form (nats).")
+    recon_error: float = Field(
+        description="Mean squared error of decode(mu) against the input, over all pixels."
+    )
+    anomaly: AnomalyResult | None = Field(
+        None,
+        description="Absent when the model version has no background model (GET the model: anomaly null).",
+    )
+
+
+class ScoreResponse(BaseModel):
+    scores: list[ScoreItem] = Field(description="One per input, in order.")
+    k: int
+    seed: int = Field(description="The seed eps was drawn from.")
+
+
+class InterpolateResponse(BaseModel):
+    images: list[Any] = Field(
+        description="Decoded points [steps, *input_shape], from the first endpoint to the last."
+    )
+    z: Matrix = Field(
+        description="The latents decoded [steps, latent_dim]; the first and last are the endpoints."
+    )
+    t: list[float] = Field(description="Position of each point on the path, 0 to 1.")
+
+
+class AnomalyInfo(BaseModel):
+    threshold: float
+    false_positive_rate: float = Field(description="Share of validation images flagged at the threshold.")
+    k: int = Field(description="Importance samples the figures were measured with.")
+    test_images: int
+    auroc: dict[str, dict[str, float]] = Field(
+        description="Per out-of-distribution set: AUROC of -elbo, -iwae and the anomaly score against held-out "
+        "test images.",
+        examples=[{"mnist": {"elbo": 0.54, "iwae": 0.43, "anomaly": 0.9}}],
+    )
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -158,6 +265,15 @@ class ModelInfo(BaseModel):
     graph_providers: dict[str, list[str]] = Field(
         description="Per graph (encoder, decoder): the providers its session uses, best first.",
         examples=[{"encoder": ["CPUExecutionProvider"], "decoder": ["CPUExecutionProvider"]}],
+    )
+    anomaly: AnomalyInfo | None = Field(
+        None,
+        description="The anomaly score's threshold and measured AUROCs; null: score answers without one.",
+    )
+    unit_variance: list[float] | None = Field(
+        None,
+        description="Variance of each latent unit's posterior mean over validation images (a unit is active "
+        "above 0.01); null when not recorded.",
     )
 
 

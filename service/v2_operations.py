@@ -15,12 +15,20 @@ import numpy.typing as npt
 
 from service import operations
 from service.catalog import ServedModel
-from service.errors import check_limit
+from service.errors import InvalidInput, check_limit
 from service.manifest import Manifest
 from service.metrics import Metrics
 from service.operations import F32
 from service.responses import with_dtype
-from service.schemas import DecodeParams, EncodeParams, ReconstructParams, RequestParams, SampleParams
+from service.schemas import (
+    DecodeParams,
+    EncodeParams,
+    PathParams,
+    ReconstructParams,
+    RequestParams,
+    SampleParams,
+    ScoreParams,
+)
 from service.settings import Settings
 from service.v2_binary import InputSpec, Signature
 
@@ -169,6 +177,38 @@ async def _decode(call: Call[DecodeParams]) -> Result:
     return Result({"samples": with_dtype(images, call.params.dtype)}, None)
 
 
+async def _score(call: Call[ScoreParams]) -> Result:
+    x, k = call.tensors["images"], call.params.k
+    rows = x.shape[0] * k
+    check_limit(rows, call.settings.max_samples, "k", "MAX_SAMPLES", "images x k")
+    seed = _seed(call.params.seed)
+    manifest = call.served.manifest
+    likelihood, std = operations.likelihood_of(manifest)
+    background = call.served.background if manifest.anomaly is not None else None
+    result = await operations.score(call.served, x, k, operations.make_rng(seed), likelihood, std, background)
+    call.count_samples(rows)
+    bounds = result.bounds
+    # no background model: the anomaly outputs keep their shapes, NaN scores that flag nothing
+    anomaly = np.full(len(x), np.nan) if result.anomaly is None else result.anomaly
+    threshold = np.nan if manifest.anomaly is None else manifest.anomaly.threshold
+    outputs = {name: getattr(bounds, name) for name in ("elbo", "iwae", "kl", "recon_error")}
+    outputs |= {"anomaly_score": anomaly, "anomaly_threshold": np.full(len(x), threshold)}
+    return Result(
+        {name: value.astype(np.float32) for name, value in outputs.items()}
+        | {"is_anomaly": anomaly > threshold},
+        seed,
+    )
+
+
+async def _interpolate(call: Call[PathParams]) -> Result:
+    z, params = call.tensors["z"], call.params
+    if len(z) != 2:
+        raise InvalidInput(f"expected exactly 2 latent vectors (the endpoints), got {len(z)}", field="z")
+    check_limit(params.steps, call.settings.max_batch, "steps", "MAX_BATCH", "steps")
+    result = await operations.interpolate(call.served, z, params.steps, params.method, latent=True)
+    return Result({"images": with_dtype(result.images, params.dtype), "z": result.z, "t": result.t}, None)
+
+
 IMAGE_IN = Tensor(
     "images",
     IMAGES,
@@ -227,6 +267,45 @@ OPERATIONS: dict[str, V2Operation[Any]] = {
             (Tensor("samples", IMAGES, IMAGE_OUT),),
             _decode,
             {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 32], "data": [0.0] * 32}]},
+        ),
+        V2Operation(
+            "score",
+            "Likelihood bounds of each image with k importance samples, and the anomaly score against the "
+            "model's background model (NaN, never flagged, when it has none).",
+            ScoreParams,
+            (IMAGE_IN,),
+            (
+                Tensor("elbo", ("batch",), "Evidence lower bound on log p(x), analytic KL (nats)."),
+                Tensor("iwae", ("batch",), "The k-sample importance-weighted bound on log p(x) (nats)."),
+                Tensor("kl", ("batch",), "KL(q(z|x) || N(0, I)) (nats)."),
+                Tensor("recon_error", ("batch",), "Mean squared error of decode(mu) per image."),
+                Tensor(
+                    "anomaly_score", ("batch",), "log p_background(x) - log p_model(x) (nats); NaN: none."
+                ),
+                Tensor("anomaly_threshold", ("batch",), "The threshold (1% of validation images above it)."),
+                Tensor("is_anomaly", ("batch",), "anomaly_score > anomaly_threshold.", ("BOOL",)),
+            ),
+            _score,
+            {"inputs": [EXAMPLE_IMAGES], "parameters": {"k": 100, "seed": 1234}},
+        ),
+        V2Operation(
+            "interpolate",
+            "Decode steps points between two latent vectors (encode images first for their means), linear or "
+            "spherical; the first and last points are exactly the endpoints.",
+            PathParams,
+            (Tensor("z", LATENTS, "The two endpoints [2, latent_dim]."),),
+            (
+                Tensor("images", IMAGES, IMAGE_OUT),
+                Tensor("z", LATENTS, "The latents decoded."),
+                Tensor("t", ("batch",), "Position of each point on the path, 0 to 1."),
+            ),
+            _interpolate,
+            {
+                "inputs": [
+                    {"name": "z", "datatype": "FP32", "shape": [2, 32], "data": [0.0] * 32 + [1.0] * 32}
+                ],
+                "parameters": {"steps": 8, "method": "slerp"},
+            },
         ),
     )
 }

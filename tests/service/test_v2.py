@@ -39,6 +39,16 @@ METADATA = {
         [("reconstructions", "FP32", IMAGE), ("z", "FP32", Z), ("error", "FP32", [-1])],
     ),
     "decode": ([("z", "FP32", Z)], [("samples", "FP32", IMAGE)]),
+    "score": (
+        [("images", "FP32", IMAGE)],
+        [
+            *((name, "FP32", [-1]) for name in ("elbo", "iwae", "kl", "recon_error")),
+            ("anomaly_score", "FP32", [-1]),
+            ("anomaly_threshold", "FP32", [-1]),
+            ("is_anomaly", "BOOL", [-1]),
+        ],
+    ),
+    "interpolate": ([("z", "FP32", Z)], [("images", "FP32", IMAGE), ("z", "FP32", Z), ("t", "FP32", [-1])]),
 }
 """The map as a client sees it for the tiny model (input_shape [1, 28, 28], latent_dim 4)."""
 
@@ -177,7 +187,11 @@ UNKNOWN = [
     ("GET", "/v2/models/tiny/ready", "unknown model 'tiny'"),
     ("GET", "/v2/models/tiny.sample/versions/3/ready", "has no version '3'; versions: ['2', '10']"),
     ("POST", "/v2/models/nope.sample/infer", "unknown model 'nope.sample'"),
-    ("POST", "/v2/models/tiny.nope/infer", "OPERATION one of ['encode', 'sample', 'reconstruct', 'decode']"),
+    (
+        "POST",
+        "/v2/models/tiny.nope/infer",
+        "OPERATION one of ['encode', 'sample', 'reconstruct', 'decode', 'score', 'interpolate']",
+    ),
     ("POST", "/v2/models/tiny/versions/2/infer", "unknown model 'tiny'"),
     ("POST", "/v2/models/tiny.sample/versions/3/infer", "model 'tiny.sample' has no version '3'"),
 ]
