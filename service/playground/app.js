@@ -101,7 +101,8 @@ function showModel(info) {
   const a = info.anomaly;
   const figures = [["set", "-elbo", "-iwae", "anomaly"]];
   figures.header = true;
-  for (const [set, v] of Object.entries(a.auroc)) figures.push([set, fmt(v.elbo), fmt(v.iwae), fmt(v.anomaly)]);
+  const auc = (v) => v.toFixed(3);
+  for (const [set, v] of Object.entries(a.auroc)) figures.push([set, auc(v.elbo), auc(v.iwae), auc(v.anomaly)]);
   figures.push(["threshold", `${a.threshold.toFixed(2)} nats`, `${(a.false_positive_rate * 100).toFixed(0)}% of validation images above`, ""]);
   table($("anomaly"), figures);
 }
