@@ -27,7 +27,7 @@ from service.middleware import ErrorBoundary, install_middleware
 from service.openapi import complete
 from service.parse_pool import ParsePool
 from service.registry import Registry
-from service.routes import add_routes
+from service.route_table import add_routes
 from service.settings import Settings
 from service.v2 import add_v2_routes
 
