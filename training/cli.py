@@ -1,4 +1,4 @@
-"""Command line: `python -m training {download,train,evaluate,export}` (also installed as `vae-train`).
+"""Command line: `python -m training {download,train,evaluate,compare,export}` (also installed as `vae-train`).
 
 The default Fashion-MNIST model, trained in 10 minutes on 2 CPU cores and exported in one go:
 
@@ -69,6 +69,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps({**record, **result.to_dict()}, indent=2))
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from training.compare import compare
+
+    rows = compare(args.checkpoints, args.iwae_k, args.images, args.binarized, args.data_dir)
+    print(json.dumps(rows, indent=2))
+
+
 def _export(args: argparse.Namespace) -> None:
     from training.export import export_checkpoint
 
@@ -131,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
                 help="Model directory MODEL_DIR/NAME/VERSION (the name and version the service reports).",
             )
             p.add_argument("--iwae-k", type=int, help="Importance samples (default: the run's --iwae-k).")
+    p = sub.add_parser(
+        "compare", help="Paired comparison of checkpoints: NLL on the same test images, with standard errors."
+    )
+    p.add_argument("checkpoints", type=Path, nargs="+")
+    p.add_argument("--iwae-k", type=int, default=1000, help="Importance samples per image.")
+    p.add_argument("--images", type=int, default=1000, help="Score the NLL on the first N test images.")
+    p.add_argument(
+        "--binarized",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Score the fixed seeded binarization of the test images.",
+    )
+    p.add_argument("--data-dir", help="Directory with the IDX files (default: the lookup order).")
     return parser
 
 
@@ -148,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             _train(args, argv)
         elif args.command == "evaluate":
             _evaluate(args)
+        elif args.command == "compare":
+            _compare(args)
         else:
             _export(args)
     except (DataError, ExportError, ValueError, FileNotFoundError) as e:

@@ -114,7 +114,8 @@ def iwae_terms(
     Its expectation is the same; its variance does not swamp the signal as k grows. The decoder's part is
     unchanged. Done here by scaling the gradient reaching each z_i by w~_i (a hook), the surrogate weighting
     every log w_i by w~_i: the decoder sees w~_i, the encoder w~_i^2. `loss` holds the bound's value either
-    way.
+    way. DReG's identity holds for the true weights (beta = 1); during a KL warm-up (beta < 1) its encoder
+    gradient is the same formula on the tempered weights, a heuristic for the first few percent of training.
     """
     vae: VAE = getattr(model, "module", model)
     eps = torch.randn((k, x.shape[0], vae.latent_dim), generator=generator, device=x.device, dtype=x.dtype)
