@@ -11,6 +11,10 @@ each from the metadata alone. I = the manifest's input_shape ([1, 28, 28]), L = 
                                                                                          seed, dtype
     NAME.reconstruct  images [-1, *I]  reconstructions [-1, *I]; z [-1, L]; error [-1]  mode, seed, dtype
     NAME.decode       z [-1, L]        samples [-1, *I]                                  dtype
+    NAME.score        images [-1, *I]  elbo, iwae, kl, recon_error, anomaly_score,       k, seed
+                                       anomaly_threshold [-1]; is_anomaly [-1] (BOOL)
+    NAME.interpolate  z [2, L]         images [-1, *I]; z [-1, L]; t [-1]                steps, method,
+                                                                                         dtype
 
 images are FP32 in [0, 1] or UINT8 pixels 0-255 (divided by 255, as v1 reads uint8 .npy); z is FP32; every
 output is FP32, the image outputs UINT8 (0-255) with `dtype: "uint8"`. Output names are v1's JSON fields.
