@@ -20,6 +20,9 @@ Reads an exported model directory (its manifest and ONNX graphs; no checkpoint n
 
 The background's settings (`BackgroundConfig`) were chosen on validation images against proxies made from
 them (`validation_proxies`), never on the evaluation sets; training/README.md has the record.
+
+One file of about 440 lines: the five steps above share the model directory, its manifest and the scoring
+code, and read best as one procedure; splitting them would scatter one command's invariants.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ same code, machine, thread count (`--threads`) and library versions: init, permu
 binarization are all seeded, re-seeded per epoch so that `--resume` continues exactly, and nothing else
 depends on the clock. The checkpoints record those four (`training.provenance`). A time-limited run is not
 repeatable: its schedule and its stop follow the clock.
+
+About 420 lines in one file, on purpose: set-up, epoch, validation, checkpoint and stop are one run read top
+to bottom (nanoGPT's shape); checkpoint I/O and figures already live in their own modules.
 """
 
 from __future__ import annotations
