@@ -59,6 +59,11 @@ def draw_seed() -> int:
     return secrets.randbits(SEED_BITS)
 
 
+def seed_or_draw(requested: int | None) -> int:
+    """The client's seed, or a fresh one (`draw_seed`) when it sent none."""
+    return draw_seed() if requested is None else requested
+
+
 def make_rng(seed: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 

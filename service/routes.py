@@ -76,10 +76,6 @@ def images_of(served: ServedModel, settings: Settings) -> Images:
     return Images(manifest.input_shape, manifest.value_range, settings.max_batch, settings.max_png_bytes)
 
 
-def seed_of(requested: int | None) -> int:
-    return operations.draw_seed() if requested is None else requested
-
-
 # ---- model operations ----------------------------------------------------------------------------------
 
 
@@ -89,7 +85,7 @@ async def encode(request: Request, served: Served) -> Response:
     params, x = await read_arrays(request, EncodeParams, images_of(served, settings))
     rows = x.shape[0] * params.samples
     check_limit(rows, settings.max_samples, "samples", "MAX_SAMPLES", "inputs x samples")
-    seed = seed_of(params.seed)
+    seed = operations.seed_or_draw(params.seed)
     result = await operations.encode(served, x, params.samples, operations.make_rng(seed))
     metrics_of(request).count_samples("encode", served.manifest.name, rows)
     return encoding_response(media, result, seed)
@@ -100,7 +96,7 @@ async def sample(request: Request, served: Served) -> Response:
     media = negotiate(request.headers.get("accept"), IMAGE_TYPES)
     params = await read_params(request, SampleParams)
     check_limit(params.n, settings.max_samples, "n", "MAX_SAMPLES", "n")
-    seed = seed_of(params.seed)
+    seed = operations.seed_or_draw(params.seed)
     result = await operations.sample(served, params.n, params.temperature, operations.make_rng(seed))
     metrics_of(request).count_samples("sample", served.manifest.name, params.n)
     extra = {"z": result.z, "seed": seed}
@@ -113,7 +109,7 @@ async def reconstruct(request: Request, served: Served) -> Response:
     seed: int | None = None
     rng: np.random.Generator | None = None
     if params.mode == "sample":  # mode mean draws no eps: no seed to draw, return or replay
-        seed = seed_of(params.seed)
+        seed = operations.seed_or_draw(params.seed)
         rng = operations.make_rng(seed)
         metrics_of(request).count_samples("reconstruct", served.manifest.name, x.shape[0])
     result = await operations.reconstruct(served, x, params.mode, rng)
@@ -137,7 +133,7 @@ async def score(request: Request, served: Served) -> Response:
     params, x = await read_arrays(request, ScoreParams, images_of(served, settings))
     rows = x.shape[0] * params.k
     check_limit(rows, settings.max_samples, "k", "MAX_SAMPLES", "inputs x k")
-    seed = seed_of(params.seed)
+    seed = operations.seed_or_draw(params.seed)
     likelihood, std = operations.likelihood_of(served.manifest)
     background = served.background if served.manifest.anomaly is not None else None
     rng = operations.make_rng(seed)

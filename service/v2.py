@@ -50,9 +50,8 @@ from service.dispatch import Operation, OperationRoute, Resolve
 from service.errors import BadRequest, InvalidInput, NotFound
 from service.media import JSON
 from service.parse_pool import ParsePool
-from service.registry import Registry
 from service.responses import json_response
-from service.routes import readyz
+from service.routes import readyz, registry_of
 from service.settings import Settings
 from service.v2_binary import HEADER_LENGTH, read_request, write_response
 from service.v2_errors import V2ErrorShape
@@ -77,11 +76,6 @@ from service.v2_operations import (
 )
 
 # ---- finding the model a path names -------------------------------------------------------------------
-
-
-def registry_of(request: Request) -> Registry:
-    registry: Registry = request.app.state.registry
-    return registry
 
 
 def find_model(catalog: Catalog, model: str, version: str | None) -> tuple[ServedModel, V2Operation[Any]]:

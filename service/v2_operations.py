@@ -134,15 +134,11 @@ class V2Operation(Generic[P]):
         )
 
 
-def _seed(requested: int | None) -> int:
-    return operations.draw_seed() if requested is None else requested
-
-
 async def _encode(call: Call[EncodeParams]) -> Result:
     x, samples = call.tensors["images"], call.params.samples
     rows = x.shape[0] * samples
     check_limit(rows, call.settings.max_samples, "samples", "MAX_SAMPLES", "images x samples")
-    seed = _seed(call.params.seed)
+    seed = operations.seed_or_draw(call.params.seed)
     encoding = await operations.encode(call.served, x, samples, operations.make_rng(seed))
     call.count_samples(rows)
     # samples 0 draws no z: an empty [batch, 0, L] keeps the output's shape the metadata announces.
@@ -153,7 +149,7 @@ async def _encode(call: Call[EncodeParams]) -> Result:
 async def _sample(call: Call[SampleParams]) -> Result:
     params = call.params
     check_limit(params.n, call.settings.max_samples, "n", "MAX_SAMPLES", "n")
-    seed = _seed(params.seed)
+    seed = operations.seed_or_draw(params.seed)
     result = await operations.sample(call.served, params.n, params.temperature, operations.make_rng(seed))
     call.count_samples(params.n)
     return Result({"samples": with_dtype(result.images, params.dtype), "z": result.z}, seed)
@@ -164,7 +160,7 @@ async def _reconstruct(call: Call[ReconstructParams]) -> Result:
     seed: int | None = None
     rng: np.random.Generator | None = None
     if params.mode == "sample":  # mode mean draws no eps: no seed to draw or return
-        seed = _seed(params.seed)
+        seed = operations.seed_or_draw(params.seed)
         rng = operations.make_rng(seed)
         call.count_samples(len(x))
     result = await operations.reconstruct(call.served, x, params.mode, rng)
@@ -181,7 +177,7 @@ async def _score(call: Call[ScoreParams]) -> Result:
     x, k = call.tensors["images"], call.params.k
     rows = x.shape[0] * k
     check_limit(rows, call.settings.max_samples, "k", "MAX_SAMPLES", "images x k")
-    seed = _seed(call.params.seed)
+    seed = operations.seed_or_draw(call.params.seed)
     manifest = call.served.manifest
     likelihood, std = operations.likelihood_of(manifest)
     background = call.served.background if manifest.anomaly is not None else None
