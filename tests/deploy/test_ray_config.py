@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import tomllib
 import warnings
 from pathlib import Path
 
@@ -89,3 +91,18 @@ def test_the_service_never_imports_ray() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_ray_image_matches_the_ray_pin_and_gets_the_code_it_copies() -> None:
+    dockerfile = (ROOT / "deploy" / "ray" / "Dockerfile").read_text()
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (pin,) = [r for r in extras["ray"] if r.startswith("ray[serve]==")]
+    version = pin.split("==")[1]
+    assert f"rayproject/ray:{version}-py311-cpu" in dockerfile  # Ray's base image, the same version
+    copied = re.findall(r"^COPY --chown=ray (\S+)", dockerfile, re.MULTILINE)
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for path in copied:  # .dockerignore keeps everything out but what it lets back in with "!"
+        assert f"!{path}" in ignore, path
+    assert "service_ray/" in copied and "models/" in copied
+    for name in launch.RAY_DEFAULTS:  # the image turns on what ./run serve-ray does
+        assert f"{name}={launch.RAY_DEFAULTS[name]}" in dockerfile, name
