@@ -21,7 +21,8 @@ Reads an exported model directory (its manifest and ONNX graphs; no checkpoint n
    graphs), replacing the version directory only once everything has passed.
 
 The background's settings (`BackgroundConfig`) were chosen on validation images against proxies made from
-them (`validation_proxies`), never on the evaluation sets; training/README.md has the record.
+them (`validation_proxies`, by `python -m training.background_tuning`), never on the evaluation sets;
+training/README.md has the record.
 
 One file of about 440 lines: the five steps above share the model directory, its manifest and the scoring
 code, and read best as one procedure; splitting them would scatter one command's invariants.
@@ -464,17 +465,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("model_dir", type=Path, help="An exported model: MODEL_DIR/NAME/VERSION.")
     parser.add_argument("--data-dir", help="Directory with the IDX files (default: the lookup order).")
-    for name in ("rate", "patch", "epochs", "k", "test_images", "val_images", "seed"):
+    settings = ("rate", "patch", "epochs", "k", "test_images", "val_images", "seed")
+    for name in settings:
         value = getattr(defaults, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
-    cfg = BackgroundConfig(
-        **{
-            name: getattr(args, name)
-            for name in ("rate", "patch", "epochs", "k", "test_images", "val_images", "seed")
-        }
-    )
+    cfg = BackgroundConfig(**{name: getattr(args, name) for name in settings})
     argv = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "-m", "training.background", *argv])
     add_background(args.model_dir, cfg, data_dir=args.data_dir, command=command, progress=args.progress)
