@@ -86,8 +86,9 @@ def test_the_evaluation_sets_and_the_tuning_proxies_are_images_in_range() -> Non
     assert 0.1 < digits.mean() < 0.15  # MNIST's mean pixel is about 0.13; Fashion-MNIST's about 0.29
 
 
-@pytest.mark.slow
-def test_add_background_on_a_tiny_model(synthetic_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def model_dir(synthetic_dir: Path, tmp_path: Path) -> Path:
+    """A tiny model trained one epoch on the synthetic images and exported: MODEL_DIR/tiny/1."""
     torch.set_num_threads(1)
     cfg = TrainConfig(
         data_dir=str(synthetic_dir), val_size=100, hidden=(32,), latent_dim=4, batch_size=50, batch_start=0,
@@ -95,6 +96,11 @@ def test_add_background_on_a_tiny_model(synthetic_dir: Path, tmp_path: Path) -> 
     )  # fmt: skip
     model_dir = tmp_path / "models" / "tiny" / "1"
     export_checkpoint(train(cfg).out_dir / BEST, model_dir, progress=False)
+    return model_dir
+
+
+@pytest.mark.slow
+def test_add_background_on_a_tiny_model(model_dir: Path) -> None:
     before = read_manifest(model_dir)
     small = BackgroundConfig(hidden=(16,), latent_dim=3, epochs=1, k=3, test_images=40, val_images=60)
     manifest = add_background(model_dir, small, command="test", progress=False)
@@ -141,15 +147,8 @@ def test_the_shipped_model_carries_its_background_and_the_figures_the_readme_quo
 
 @pytest.mark.slow
 def test_tuning_scores_each_candidate_on_the_validation_proxies_only(
-    synthetic_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    torch.set_num_threads(1)
-    cfg = TrainConfig(
-        data_dir=str(synthetic_dir), val_size=100, hidden=(32,), latent_dim=4, batch_size=50, batch_start=0,
-        epochs=1, out=str(tmp_path / "run"), progress=False, iwae_k=2,
-    )  # fmt: skip
-    model_dir = tmp_path / "models" / "tiny" / "1"
-    export_checkpoint(train(cfg).out_dir / BEST, model_dir, progress=False)
     monkeypatch.setattr(background, "mnist_digits", lambda: pytest.fail("tuning loaded an evaluation set"))
     small = BackgroundConfig(hidden=(16,), latent_dim=3, epochs=1, k=3, val_images=40)
     candidates = [replace(small, patch=0), replace(small, patch=7, rate=0.0)]
