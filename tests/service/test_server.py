@@ -25,6 +25,7 @@ import orjson
 import pytest
 
 from service.app import create_app
+from service.protocol import LINGER_SECONDS
 from service.registry import Registry
 from service.server import RESERVED_FILES, ServiceServer, open_file_warning, server_config
 from tests.service.conftest import MODEL, NEWEST, make_settings, write_model
@@ -118,7 +119,7 @@ async def test_a_head_past_a_limit_is_answered_in_the_error_shape_and_closed(
         assert answer.headers["content-type"] == "application/json"
         assert answer.error()["status"] == status and answer.error()["field"] is None
         assert setting in answer.error()["message"]
-        assert seconds < 1.5  # answered at once; closed when we had read it (EOF), no linger to wait out
+        assert seconds < LINGER_SECONDS  # closed once we had read the answer, not after the linger
         await healthy(port)
 
 
